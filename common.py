@@ -351,7 +351,7 @@ def infer_vit_kwargs(sd):
         raise UsageError("not a ViT checkpoint: no 'patch_embed.proj.weight' (expected timm ViT names)")
     D, _, p, _ = sd['patch_embed.proj.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=HEADS.get(D, D // 64),
+    kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=HEADS.get(D, max(1, D // 64)),
               mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D, class_token='cls_token' in sd,
               global_pool='avg' if 'fc_norm.weight' in sd and 'norm.weight' not in sd else 'token',
               init_values=1.0 if 'blocks.0.ls1.gamma' in sd else None, pre_norm='norm_pre.weight' in sd,
@@ -478,10 +478,13 @@ def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True
     while count < num_masked:
         room, added = num_masked - count, 0
         for _ in range(10):  # BEiT tries up to 10 rectangles per round
-            area = rng.uniform(min_patches, room)
+            # BEiT draws U(16, room) even when room < 16 (Python's uniform swaps the bounds) and so may
+            # place rectangles under 16 cells at the end; here every rectangle has >= min_patches
+            # cells, and the exact-count step below fills what is left
+            area = rng.uniform(min_patches, max(min_patches, room))
             aspect = math.exp(rng.uniform(*log_aspect))
             rh, rw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if rw < w and rh < h:
+            if rw < w and rh < h and rh * rw >= min_patches:
                 top, left = rng.integers(0, h - rh + 1), rng.integers(0, w - rw + 1)
                 new = rh * rw - int(mask[top:top + rh, left:left + rw].sum())
                 if 0 < new <= room:

@@ -27,3 +27,45 @@ def run(script, *args, nproc=1, timeout=600):
                '--master_addr', '127.0.0.1', '--master_port', str(free_port()), script, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def method_setup(name, model, img_size, patch_size, batch, tmp, transform_only=False):
+    """A method's model and one collated training batch made by its own transform on synthetic
+    images (random teacher/tokenizer files are written to `tmp` where the method needs one)."""
+    import importlib
+
+    import torch
+
+    import common
+    module = importlib.import_module(name)
+    argv = ['--data', 'synthetic', '--model', model, '--img-size', str(img_size), '--patch-size', str(patch_size),
+            '--device', 'cpu', '--output-dir', tmp] + METHOD_FLAGS.get(name, lambda t, a: [])(tmp, locals())
+    args = module.get_args(argv)
+    transform = module.train_transform(args)
+    if transform_only:
+        return transform
+    net = getattr(module, MODEL_CLASS[name])(args)
+    ds = common.SyntheticImages(transform, batch)
+    return net, torch.utils.data.default_collate([ds[i] for i in range(batch)])
+
+
+def random_vit_file(path, **kw):
+    """A randomly initialized timm-format ViT checkpoint (a stand-in teacher)."""
+    import torch
+
+    import common
+    torch.save(common.VisionTransformer(**kw).state_dict(), path)
+    return path
+
+
+MODEL_CLASS = {'simmim': 'SimMIM', 'maskdistill': 'MaskDistill', 'deepmim': 'DeepMIM', 'lut': 'LUT', 'supmim': 'SupMIM'}
+# per method, the flags that make its parts tiny too (decoders, heads, teacher); a['...'] are method_setup's arguments
+METHOD_FLAGS = {
+    'simmim': lambda tmp, a: ['--mask-patch-size', str(2 * a['patch_size'])] if a['img_size'] < 64 else [],
+    'maskdistill': lambda tmp, a: ['--teacher-type', 'timm', '--teacher', random_vit_file(
+        os.path.join(tmp, 'teacher.pth'), img_size=a['img_size'], patch_size=a['patch_size'], embed_dim=64, depth=2,
+        num_heads=1)],
+    'deepmim': lambda tmp, a: ['--taps', '2,3', '--decoder-dim', '32', '--decoder-depth', '1', '--decoder-heads', '2'],
+    'lut': lambda tmp, a: ['--decoder-dim', '32', '--decoder-depth', '1', '--decoder-heads', '2', '--head-dim', '64'],
+    'supmim': lambda tmp, a: ['--target', 'pixels'],
+}

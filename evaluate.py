@@ -1,0 +1,838 @@
+"""Evaluation protocols and analyses for ViT encoders: checkpoints of the five nanoMIM scripts, and
+timm / DeiT / DINO / MAE / OpenAI CLIP files.
+
+Every subcommand reads --ckpt (`--format clip` for OpenAI CLIP; `--random-init` keeps the
+checkpoint's architecture with fresh weights, the baseline to beat) and images from --data DIR
+(DIR/train and DIR/val class folders, or --train/--val) or --data synthetic. Features come from the
+frozen encoder in eval mode, at the checkpoint's resolution unless --img-size says otherwise.
+
+  python evaluate.py knn --ckpt out/simmim/checkpoint.pth --data /imagenet
+      weighted k-NN (DINO): % of val images whose 20 cosine-nearest train images, voting with
+      weight exp(sim / 0.07), put the true class first (top-1) or among the first five (top-5)
+  python evaluate.py linear --ckpt CKPT --data /imagenet --cache-features
+      linear probe (MAE): top-1/top-5 % of a BatchNorm + linear classifier on the frozen cls feature
+  torchrun --nproc_per_node=8 evaluate.py finetune --ckpt CKPT --data /imagenet
+      end-to-end fine-tuning (BEiT/MAE recipe): val top-1/top-5 % each epoch, best kept in
+      OUTPUT/finetune_best.pth
+  python evaluate.py retrieval --ckpt CKPT --data /imagenet
+      Recall@1 (SupMIM Tab. 4): % of val queries whose cosine-nearest train image has their class
+  python evaluate.py attention-distance --ckpt CKPT --data /imagenet --output-dir out/analysis
+      mean attention distance in pixels per block and head (ViT Fig. 7, LUT Eq. 4): how far each
+      head looks; small = local heads
+  python evaluate.py cka --ckpt CKPT --data /imagenet --output-dir out/analysis
+      linear CKA (0..1) between each block's features and the last block's (DeepMIM Fig. 4)
+  python evaluate.py spectrum --ckpt CKPT --data /imagenet --output-dir out/analysis
+      singular values of the feature covariance per block, as fractions of their sum (LUT Sec. 6.2.3):
+      a flatter curve (higher effective rank) = features spread over more directions
+  python evaluate.py reconstruct --ckpt out/simmim/checkpoint.pth --data /imagenet
+      PNG grid, one row per image: original | masked | reconstruction (SimMIM Fig. 4)
+  python evaluate.py avgdist
+      SimMIM's AvgDist (Fig. 3): mean distance in pixels from a masked pixel to the nearest visible
+      one, for each method's mask generator at 224 px
+  python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth
+      the encoder alone under timm's names: timm.create_model('vit_base_patch16_224', num_classes=0)
+      loads it with strict=True
+
+On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` to any of them
+(`linear ... --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3`).
+
+`reconstruct` and other methods: the method is `--method NAME`, else the checkpoint's 'method'
+entry, else SimMIM when the checkpoint has its head. NAME.py's model class (its VisionTransformer
+subclass) is built from the checkpoint's 'args' (also set as `model.args`) and loaded; then
+NAME.reconstruct(model, img, mask_seed) -> (mask [B, L] with 1 = masked, pred [B, 3, H, W]) is
+called with img ImageNet-normalized; pred is in the same normalized pixel space (a method that
+predicts per-patch normalized pixels undoes that with the visible image's statistics). SimMIM's is here.
+"""
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    enc = argparse.ArgumentParser(add_help=False)
+    enc.add_argument('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE or OpenAI CLIP')
+    enc.add_argument('--format', choices=['auto', 'timm', 'clip'], default='auto',
+                     help='auto: a ViT state dict (ours/timm/DeiT/DINO/MAE), else OpenAI CLIP')
+    enc.add_argument('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
+    paths = argparse.ArgumentParser(add_help=False)
+    paths.add_argument('--train', default=None, help='train class folders (default: DATA/train)')
+    paths.add_argument('--val', default=None, help='val class folders (default: DATA/val)')
+    data = argparse.ArgumentParser(add_help=False, parents=[paths])
+    a = data.add_argument
+    a('--data', default=None, help="DIR holding train/ and val/ class folders, or 'synthetic'")
+    a('--img-size', type=int, default=None, help="default: the checkpoint's (pos_embed is resampled otherwise)")
+    a('--batch-size', type=int, default=256, help='images per forward pass')
+    a('--num-workers', type=int, default=8)
+    a('--synthetic-size', type=int, default=10000, help='--data synthetic: train images (val: a quarter, at least 100)')
+    a('--seed', type=int, default=0)
+    a('--device', default=None, help='default: cuda if available, else cpu')
+    a('--output-dir', default='out/eval', help='where tables, plots and images go')
+
+    def add(name, help, parents, **defaults):  # 'resolve': common's parser brings its own -h
+        p = sub.add_parser(name, help=help, description=help, parents=parents, conflict_handler='resolve',
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(**defaults)
+        return p
+    pool = argparse.ArgumentParser(add_help=False)
+    pool.add_argument('--pool', choices=['cls', 'avg'], default='cls', help='image feature: cls token or mean patch token')
+    p = add('knn', "DINO's weighted k-NN on frozen features", [enc, data, pool])
+    p.add_argument('--k', type=int, default=20, help='neighbours (DINO)')
+    p.add_argument('--temperature', type=float, default=0.07, help='votes weighted exp(sim / T) (DINO)')
+    add('retrieval', 'Recall@1, val queries against the train index (SupMIM Tab. 4)', [enc, data, pool])
+    p = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool],
+            batch_size=512)  # MAE: 512 per GPU x 32 GPUs (--accum-iter 32) = 16384
+    p.add_argument('--accum-iter', type=int, default=32, help='micro-batches per LARS step (MAE: 32 GPUs)')
+    p.add_argument('--epochs', type=int, default=90, help='MAE linear probe')
+    p.add_argument('--warmup-epochs', type=float, default=10, help='MAE linear probe')
+    p.add_argument('--blr', type=float, default=0.1, help='lr = blr * effective batch / 256 (MAE)')
+    p.add_argument('--lr', type=float, default=None, help='absolute lr (overrides --blr)')
+    p.add_argument('--weight-decay', type=float, default=0.0, help='MAE linear probe')
+    p.add_argument('--cache-features', action='store_true',
+                   help='extract features once (center crop, no augmentation) and train on them: fast; '
+                        "MAE's probe instead sees RandomResizedCrop + flip views")
+    for name, help in (('attention-distance', 'mean attention distance per block and head (LUT Eq. 4)'),
+                       ('cka', "linear CKA of each block's features with the last block's (DeepMIM Fig. 4)"),
+                       ('spectrum', 'singular values of the feature covariance per block (LUT Sec. 6.2.3)')):
+        p = add(name, help, [enc, data], batch_size=64)
+        p.add_argument('--num-images', type=int, default=5000, help='val images (a seeded random subset)')
+        if name == 'spectrum':
+            p.add_argument('--layers', type=int, nargs='+', default=None, help='blocks to plot (default: four, the last included)')
+    p = add('reconstruct', 'original / masked / reconstruction PNG grid (SimMIM Fig. 4)', [data])
+    p.add_argument('--ckpt', required=True, help='a pretraining checkpoint of a pixel method')
+    p.add_argument('--method', default=None, help="script name (default: the checkpoint's, or simmim)")
+    p.add_argument('--num-images', type=int, default=8)
+    p.add_argument('--mask-seed', type=int, default=0)
+    p.add_argument('--out', default=None, help='PNG path (default: OUTPUT/reconstruct.png)')
+    p = add('avgdist', "SimMIM's AvgDist of each method's mask generator (Fig. 3)", [])
+    p.add_argument('--num-masks', type=int, default=200)
+    p.add_argument('--seed', type=int, default=0)
+    p = add('export', 'plain encoder state dict under timm names', [enc])
+    p.add_argument('--out', required=True, help='output .pth file')
+
+    p = add('finetune', 'end-to-end fine-tuning with the BEiT/MAE recipe', [common.get_parser(__doc__), enc, paths])
+    a = p.add_argument
+    a('--layer-decay', type=float, default=0.65, help="layer-wise lr decay (MAE's ViT-B)")
+    a('--smoothing', type=float, default=0.1, help='label smoothing')
+    a('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
+    a('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
+    a('--reprob', type=float, default=0.25, help='random erasing probability')
+    a('--randaug-magnitude', type=float, default=9, help="RandAugment 'rand-m9-mstd0.5-inc1'")
+    a('--randaug-mstd', type=float, default=0.5)
+    # Per-paper ViT-B/16 fine-tuning (all: AdamW, cosine, RandAug 9/0.5, mixup .8, cutmix 1, smoothing .1):
+    #   MaskDistill Tab. 13: lr 5e-4 at batch 1024, 100 epochs, 20 warmup, layer decay 0.65, drop path .1, min lr 1e-6
+    #   SimMIM Sec. 4.1.1 + 4.2: batch 2048, base lr 5e-3, 100 epochs, 10 warmup, layer decay 0.65, drop path .1
+    #   DeepMIM App. A: MAE's recipe with lr 2e-4 (4e-4 for CLIP targets), layer decay 0.65 (0.6 after 800 epochs)
+    #   LUT App. B Tab. D: base lr 2.5e-4 (B) / 5e-4 (S), layer decay 0.65 (B) / 0.75 (S), 100 (B) / 300 (S) epochs
+    p.set_defaults(  # MAE's ViT-B recipe (FINETUNE.md, REFERENCE.md)
+        batch_size=128,  # x 8 GPUs = 1024
+        blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
+        betas=(0.9, 0.999), img_size=None, output_dir='out/finetune')
+    for action in p._actions:  # shared pretraining flags that fine-tuning does not use
+        if action.dest in ('model', 'patch_size', 'resume', 'save_every', 'peak_tflops', 'skip_nonfinite'):
+            action.help = argparse.SUPPRESS
+    args = parser.parse_args(argv)
+    if getattr(args, 'img_size', None) is None and args.command == 'finetune':
+        args.img_size = None  # the checkpoint's, resolved once it is read
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders and features
+
+
+def load_model(args, **overrides):
+    """The encoder of --ckpt as a common.VisionTransformer, built with `overrides` (img_size,
+    global_pool, num_classes, ...). `vit.mean_std` is the input normalization it was trained with."""
+    if not os.path.isfile(args.ckpt):
+        raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
+    mean_std = (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    try:
+        if args.format == 'clip':
+            raise common.UsageError('')
+        vit = common.build_encoder(args.ckpt, **overrides)[0]
+    except common.UsageError as error:
+        if args.format == 'timm':
+            raise
+        try:  # OpenAI CLIP: rebuild with the overrides, then copy the weights across
+            clip = common.load_clip_visual(args.ckpt)[0]
+        except common.UsageError:
+            raise (error if args.format == 'auto' else common.UsageError(f"{args.ckpt} is not an OpenAI CLIP file")) from None
+        vit = common.VisionTransformer(**dict(clip.encoder_kwargs, **overrides))
+        common.load_encoder(vit, clip.state_dict(), allow_missing=('fc_norm.', 'head.'), path=args.ckpt)
+        mean_std = (common.CLIP_MEAN, common.CLIP_STD)
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        vit = common.VisionTransformer(**vit.encoder_kwargs)
+    vit.mean_std = mean_std
+    kw = vit.encoder_kwargs
+    print(f"encoder: {kw['embed_dim']} wide, {kw['depth']} blocks, patch {kw['patch_size']}, {kw['img_size']} px, "
+          f"{sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M params" + (' (random init)' if args.random_init else ''))
+    return vit
+
+
+def size_override(args):
+    return {'img_size': args.img_size} if args.img_size else {}
+
+
+def prepare(vit, img):
+    """An ImageNet-normalized batch in the normalization the encoder was trained with (CLIP's differs)."""
+    if vit.mean_std[0] == common.IMAGENET_MEAN:
+        return img
+    t = lambda v: torch.tensor(v, device=img.device).view(1, 3, 1, 1)  # noqa: E731
+    (m0, s0), (m1, s1) = (common.IMAGENET_MEAN, common.IMAGENET_STD), vit.mean_std
+    return (img * t(s0) + t(m0) - t(m1)) / t(s1)
+
+
+def get_device(args):
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    return torch.device(args.device)
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+def dataset(args, split, transform):
+    """The `split` ('train' or 'val') images: --train/--val, DATA/split, or the synthetic split."""
+    if getattr(args, split):
+        return common.ImageFolder(getattr(args, split), transform, args.seed)
+    if args.data is None:
+        raise common.UsageError(f"pass --data DIR (holding {split}/) or --data synthetic, or --{split} DIR")
+    if args.data != 'synthetic' and not os.path.isdir(os.path.join(args.data, split)):
+        raise common.UsageError(f"{os.path.join(args.data, split)} not found: --data DIR needs DIR/train and DIR/val "
+                                f"class folders (or pass --{split} DIR)")
+    return common.build_dataset(args, transform, split)
+
+
+def datasets(args, train_transform, val_transform):
+    train, val = dataset(args, 'train', train_transform), dataset(args, 'val', val_transform)
+    if train.classes != val.classes:
+        raise common.UsageError(f"train and val have different class folders ({len(train.classes)} vs {len(val.classes)})")
+    return train, val
+
+
+def loader(ds, args, shuffle=False):
+    return common.make_loader(ds, args, 0, 1, shuffle=shuffle, drop_last=False)
+
+
+def pool_tokens(vit, z, pool):
+    """Image feature from the final tokens [B, prefix + L, D]: the cls token, or the patch-token mean
+    (through fc_norm when the encoder pools that way)."""
+    if pool == 'cls':
+        if not vit.num_prefix:
+            raise common.UsageError("this encoder has no cls token: use --pool avg")
+        return z[:, 0]
+    return vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
+
+
+@torch.no_grad()
+def features(vit, img, pool, device):
+    with autocast(device):
+        return pool_tokens(vit, vit.forward_features(prepare(vit, img)), pool).float()
+
+
+def extract_features(vit, data, device, pool):
+    """Frozen features [N, D] and labels [N] of a loader, on the device."""
+    feats, labels = [], []
+    for batch in data:
+        batch = common.to_device(batch, device)
+        feats.append(features(vit, batch['img'], pool, device))
+        labels.append(batch['label'])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def topk_correct(scores, labels, ks=(1, 5)):
+    """How many rows of scores [M, C] rank the true label among their k highest, for each k."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices == labels[:, None]  # [M, 5]
+    return torch.stack([top[:, :k].any(1).sum() for k in ks]).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN and retrieval
+
+
+def knn_classify(train_x, train_y, test_x, num_classes, k=20, T=0.07, chunk=1024):
+    """DINO's weighted k-NN: each test feature's k most cosine-similar train features vote for their
+    labels with weight exp(sim / T). Returns class scores [M, C]."""
+    train_x, k = F.normalize(train_x, dim=1), min(k, len(train_x))
+    scores = []
+    for q in F.normalize(test_x, dim=1).split(chunk):
+        sim, idx = (q @ train_x.T).topk(k, dim=1)  # [b, k] similarities and indices of the nearest
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))  # [b, C]
+    return torch.cat(scores)
+
+
+def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
+    """% of queries whose cosine-nearest index item has the query's label (SupMIM Tab. 4)."""
+    index_x = F.normalize(index_x, dim=1)
+    nearest = torch.cat([(q @ index_x.T).argmax(1) for q in F.normalize(query_x, dim=1).split(chunk)])  # [M]
+    return 100 * (index_y[nearest] == query_y).float().mean().item()
+
+
+def frozen_train_val(args):
+    device = get_device(args)
+    vit = load_model(args, **size_override(args)).to(device).eval()
+    tf = common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)
+    train, val = datasets(args, tf, tf)
+    return [extract_features(vit, loader(ds, args), device, args.pool) for ds in (train, val)] + [len(train.classes)]
+
+
+def knn(args):
+    (xtr, ytr), (xva, yva), num_classes = frozen_train_val(args)
+    top1, top5 = (100 * topk_correct(knn_classify(xtr, ytr, xva, num_classes, args.k, args.temperature), yva) / len(yva)).tolist()
+    print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+          f"({len(ytr)} train / {len(yva)} val)")
+
+
+def retrieval(args):
+    (xtr, ytr), (xva, yva), _ = frozen_train_val(args)
+    print(f"Recall@1 ({args.pool}): {recall_at_1(xtr, ytr, xva, yva):.2f}%  ({len(yva)} queries / {len(ytr)} index)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe (MAE, main_linprobe.py)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as in MAE's linear probe: for weight matrices the update
+    u = g + wd * p is rescaled by the trust ratio eta * ||p|| / ||u|| (1 when either norm is 0);
+    biases and other 1-D parameters use u = g. Then heavy-ball momentum: mu = m * mu + u, p -= lr * mu."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                u = p.grad
+                if p.ndim > 1:
+                    u = u.add(p, alpha=g['weight_decay'])
+                    pn, un = p.norm(), u.norm()
+                    u = u * torch.where((pn > 0) & (un > 0), g['trust_coefficient'] * pn / un, torch.ones_like(pn))
+                mu = self.state[p].setdefault('mu', torch.zeros_like(p))
+                mu.mul_(g['momentum']).add_(u)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def linear_head(dim, num_classes):
+    """MAE: BatchNorm without affine (a per-feature standardization, which the probe needs as MIM
+    features are badly scaled) before a Linear initialized trunc_normal(std .01), bias 0."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head)
+
+
+def linear(args):
+    device = get_device(args)
+    vit = load_model(args, **size_override(args)).to(device).eval()
+    size = vit.patch_embed.grid[0] * vit.patch_size
+    augment = lambda rng, img: {'img': common.to_tensor(common.hflip(rng, common.random_resized_crop(rng, img, size)))}  # noqa: E731
+    train, val = datasets(args, common.eval_transform(size) if args.cache_features else augment, common.eval_transform(size))
+    xva, yva = extract_features(vit, loader(val, args), device, args.pool)
+    if args.cache_features:
+        xtr, ytr = extract_features(vit, loader(train, args), device, args.pool)
+    else:
+        train_loader = common.make_loader(train, args, 0, 1)
+    eff_batch = args.batch_size * args.accum_iter
+    steps_per_epoch = len(train) // eff_batch
+    if steps_per_epoch == 0:
+        raise common.UsageError(f"{len(train)} train images give no step at --batch-size {args.batch_size} x "
+                                f"--accum-iter {args.accum_iter}: lower them")
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    print(f"lr {args.lr:.3g} = blr {args.blr:g} x batch {eff_batch} / 256 | {total} LARS steps, {warmup} warmup")
+    head = linear_head(xva.shape[1], len(train.classes)).to(device)
+    opt = LARS(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen, step = torch.Generator(device=device).manual_seed(args.seed), 0
+    for epoch in range(args.epochs):
+        if args.cache_features:
+            order = torch.randperm(len(ytr), generator=gen, device=device)[:steps_per_epoch * eff_batch]
+            micro = ((xtr[i], ytr[i]) for i in order.split(args.batch_size))
+        else:
+            train_loader.sampler.set_epoch(epoch)
+            micro = ((features(vit, b['img'], args.pool, device), b['label'])
+                     for b in (common.to_device(b, device) for b in train_loader))
+        head.train()
+        loss_sum = 0.0
+        for i, (x, y) in zip(range(steps_per_epoch * args.accum_iter), micro):
+            if i % args.accum_iter == 0:
+                opt.param_groups[0]['lr'] = common.get_lr(step, total, warmup, args.lr, 0.0)
+            loss = F.cross_entropy(head(x), y)
+            (loss / args.accum_iter).backward()
+            loss_sum += loss.detach()
+            if (i + 1) % args.accum_iter == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
+            print(f"ep {epoch + 1:3d}/{args.epochs} | loss {loss_sum.item() / (steps_per_epoch * args.accum_iter):.4f}")
+    head.eval()
+    with torch.no_grad():
+        top1, top5 = (100 * topk_correct(head(xva), yva) / len(yva)).tolist()
+    print(f"linear probe ({args.pool}, {args.epochs} epochs{', cached features' if args.cache_features else ''}): "
+          f"top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({len(train)} train / {len(yva)} val)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning (BEiT / MAE, main_finetune.py)
+
+
+def layer_id(name, num_layers):
+    """MAE's get_layer_id_for_vit: 0 for the embeddings (and CLIP's norm_pre, as FT-CLIP), i + 1
+    for blocks.i, num_layers for the rest (final norm, fc_norm, head, and, as in BEiT's code, the
+    shared relative position bias)."""
+    if name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.')):
+        return 0
+    if name.startswith('blocks.'):
+        return int(name.split('.')[1]) + 1
+    return num_layers
+
+
+def layer_decay_groups(model, weight_decay, layer_decay):
+    """AdamW groups with lr_scale = layer_decay ** (num_layers - layer_id), num_layers = depth + 1
+    (MAE's param_groups_lrd); no weight decay on 1-D parameters, cls_token and pos_embed."""
+    num_layers, groups = model.depth + 1, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        i, no_wd = layer_id(name, num_layers), p.ndim == 1 or name in ('cls_token', 'pos_embed')
+        group = groups.setdefault((i, no_wd), {'params': [], 'weight_decay': 0.0 if no_wd else weight_decay,
+                                               'lr_scale': layer_decay ** (num_layers - i)})
+        group['params'].append(p)
+    return list(groups.values())
+
+
+def finetune_transform(args):
+    """timm's create_transform as MAE fine-tunes: RandomResizedCrop (scale .08-1, bicubic), flip,
+    RandAugment, normalize, RandomErasing. args.img_size is read when the transform runs."""
+    def transform(rng, img):
+        img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
+        img = common.rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
+        x = common.normalize(common.to_tensor(img)[None])[0]  # [3, H, W]; erasing draws N(0, 1) noise: normalize first
+        return {'img': common.random_erasing(rng, x, args.reprob)}
+    return transform
+
+
+def finetune_batch(rng, img, labels, num_classes, args):
+    """Mixup/CutMix on the batch with label-smoothed soft targets (timm Mixup, MAE); with both
+    alphas 0, the targets are the smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
+    return common.mixup_cutmix(rng, img, labels, num_classes, args.mixup, args.cutmix, label_smoothing=args.smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, vit, data, device, amp, world):
+    """Top-1 / top-5 % on the val loader (each rank its share, summed across ranks)."""
+    model.eval()
+    hits = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for batch in data:
+        batch = common.to_device(batch, device)
+        with amp:
+            logits = model(prepare(vit, batch['img']))
+        hits += torch.cat([topk_correct(logits.float(), batch['label']), hits.new_tensor([len(logits)])])
+    if world > 1:
+        dist.all_reduce(hits)
+    return (100 * hits[:2] / hits[2]).tolist()
+
+
+def finetune(args):
+    rank, world, device = common.setup(args)
+    train = dataset(args, 'train', finetune_transform(args))
+    num_classes = len(train.classes)
+    vit = load_model(args, global_pool='avg', num_classes=num_classes, drop_path_rate=args.drop_path, **size_override(args))
+    args.img_size = vit.patch_embed.grid[0] * vit.patch_size
+    val = dataset(args, 'val', common.eval_transform(args.img_size))
+    if val.classes != train.classes:
+        raise common.UsageError(f"train and val have different class folders ({len(train.classes)} vs {len(val.classes)})")
+    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: start near zero logits
+    nn.init.zeros_(vit.head.bias)
+    vit.to(device)
+    eff_batch = args.batch_size * args.accum_iter * world
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(layer_decay_groups(vit, args.weight_decay, args.layer_decay), lr=args.lr,
+                                  betas=tuple(args.betas), fused=device.type == 'cuda')
+    train_loader = common.make_loader(train, args, rank, world)
+    val_loader = common.make_loader(val, args, rank, world, shuffle=False, drop_last=False)  # drops < world images
+    steps_per_epoch = len(train_loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        raise common.UsageError(f"{len(train)} images give no full step at batch {args.batch_size} x {args.accum_iter} "
+                                f"x {world} processes: lower --batch-size or add data")
+    total = args.epochs * steps_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
+    compiled = torch.compile(vit) if args.compile else vit  # compile before the DDP wrap
+    model = compiled if world == 1 else nn.parallel.DistributedDataParallel(
+        compiled, device_ids=[device.index] if device.type == 'cuda' else None)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.precision]
+    amp = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    os.makedirs(args.output_dir, exist_ok=True)
+    best_path, log = os.path.join(args.output_dir, 'finetune_best.pth'), os.path.join(args.output_dir, 'finetune_log.jsonl')
+    if rank == 0:
+        print(f"lr {args.lr:.3g} = blr {args.blr:g} x effective batch {eff_batch} / 256 | layer decay {args.layer_decay} | "
+              f"{total} steps, {warmup} warmup | {num_classes} classes, {len(train)} train / {len(val)} val images")
+    step, best = 0, (-1.0, 0.0, 0)
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        rng = np.random.default_rng((args.seed, rank, epoch))  # mixup/cutmix draws
+        batches, loss_sum = iter(train_loader), 0.0
+        model.train()
+        for _ in range(steps_per_epoch):
+            lr = common.get_lr(step, total, warmup, args.lr, args.min_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr * group['lr_scale']
+            for micro in range(args.accum_iter):
+                batch = common.to_device(next(batches), device)
+                img, target = finetune_batch(rng, prepare(vit, batch['img']), batch['label'], num_classes, args)
+                sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
+                with (nullcontext() if sync else model.no_sync()), amp:
+                    loss = common.soft_target_cross_entropy(model(img), target)
+                scaler.scale(loss / args.accum_iter).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(vit.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+            step += 1
+        top1, top5 = evaluate(compiled, vit, val_loader, device, amp, world)
+        if top1 > best[0]:
+            best = (top1, top5, epoch + 1)
+            if rank == 0:
+                common.save_checkpoint({'model': vit.state_dict(), 'encoder_kwargs': vit.encoder_kwargs, 'args': vars(args),
+                                        'epoch': epoch + 1, 'top1': top1, 'top5': top5}, best_path)
+        if rank == 0:
+            row = {'epoch': epoch + 1, 'loss': loss_sum.item() / steps_per_epoch, 'lr': lr, 'top1': top1, 'top5': top5}
+            print(f"ep {epoch + 1:3d}/{args.epochs} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                  f"val top-1 {top1:.2f}% top-5 {top5:.2f}% | best {best[0]:.2f}%")
+            with open(log, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+    if rank == 0:
+        print(f"fine-tune: best top-1 {best[0]:.2f}%  top-5 {best[1]:.2f}%  (epoch {best[2]}) -> {best_path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Analyses: attention distance, CKA, spectrum
+
+
+def attention_distance(attn, grid, patch_size, num_prefix=1):
+    """LUT Eq. 4 / ViT Fig. 7: for each query patch q, sum_k a_qk * ||c_q - c_k|| with c the patch
+    centres in pixels, averaged over queries. attn [B, H, N, N] -> [B, H]. The cls row and column are
+    dropped and each row renormalized over the patches: the expected distance of the patches a query
+    attends to, whatever mass it puts on the cls token. (LUT's normalized coordinates: divide by img size.)"""
+    a = attn[:, :, num_prefix:, num_prefix:].float()
+    a = a / a.sum(-1, keepdim=True)  # [B, H, L, L]
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
+    centres = torch.stack([rows, cols], -1).reshape(-1, 2).float().to(a.device) * patch_size  # [L, 2]
+    return (a * torch.cdist(centres, centres)).sum(-1).mean(-1)  # [B, H]
+
+
+def linear_cka(x, y):
+    """Linear CKA (Kornblith et al., 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-
+    centred x [n, d1], y [n, d2]; invariant to rotations and isotropic scaling of either."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
+
+
+def spectrum(x):
+    """Singular values of the feature covariance of x [n, d], as fractions of their sum, descending.
+    LUT takes the n x n covariance; its nonzero singular values are those of this d x d one."""
+    x = x.double() - x.double().mean(0)
+    s = torch.linalg.svdvals(x.T @ x / (len(x) - 1))
+    return s / s.sum()
+
+
+def block_attention_distances(vit, img):  # [B, depth, H]
+    _, attns = vit.forward_features(img, return_attn=True)
+    return torch.stack([attention_distance(a, vit.patch_embed.grid, vit.patch_size, vit.num_prefix) for a in attns], 1)
+
+
+def block_features(vit, img):
+    """[B, depth, D]: the mean patch token of each block's output (before the final norm). Pooled
+    per image rather than all tokens flattened, so n = images and the features are the image's."""
+    _, outs = vit.forward_features(img, taps=range(1, vit.depth + 1))
+    return torch.stack([o[:, vit.num_prefix:].mean(1) for o in outs], 1)
+
+
+@torch.no_grad()
+def analyse(args, fn):
+    """fn(vit, img) over a seeded random subset of --num-images val images -> (vit, [N, ...] on the CPU)."""
+    device = get_device(args)
+    vit = load_model(args, **size_override(args)).to(device).eval()
+    val = dataset(args, 'val', common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size))
+    out, n = [], 0
+    for batch in loader(val, args, shuffle=True):
+        with autocast(device):
+            out.append(fn(vit, prepare(vit, common.to_device(batch, device)['img'])).float().cpu())
+        n += len(out[-1])
+        if n >= args.num_images:
+            break
+    os.makedirs(args.output_dir, exist_ok=True)
+    return vit, torch.cat(out)[:args.num_images]
+
+
+def attention_distance_cmd(args):
+    vit, d = analyse(args, block_attention_distances)
+    d, depth, heads = d.mean(0), d.shape[1], d.shape[2]  # [depth, H], averaged over images
+    rows = [[i + 1, *d[i].tolist(), d[i].mean().item()] for i in range(depth)]
+    table(os.path.join(args.output_dir, 'attention_distance.csv'), ['block', *[f'head{h}' for h in range(heads)], 'mean'], rows)
+    layers = list(range(1, depth + 1))
+    plot_lines(os.path.join(args.output_dir, 'attention_distance.png'),
+               [('heads', [l for l in layers for _ in range(heads)], d.flatten().tolist(), 'dots'), ('mean', layers, d.mean(1).tolist(), 'line')],
+               'block', 'mean attention distance (px)', f'attention distance, {len(d)} blocks x {heads} heads')
+
+
+def cka_cmd(args):
+    vit, f = analyse(args, block_features)
+    values = [linear_cka(f[:, i], f[:, -1]) for i in range(f.shape[1])]
+    table(os.path.join(args.output_dir, 'cka.csv'), ['block', 'cka_with_last'], [[i + 1, v] for i, v in enumerate(values)])
+    plot_lines(os.path.join(args.output_dir, 'cka.png'), [('CKA with the last block', list(range(1, len(values) + 1)), values, 'line')],
+               'block', 'linear CKA', f'CKA with block {len(values)} ({len(f)} images)')
+
+
+def spectrum_cmd(args):
+    vit, f = analyse(args, block_features)
+    depth = f.shape[1]
+    layers = args.layers or sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+    if not all(1 <= i <= depth for i in layers):
+        raise common.UsageError(f"--layers must be between 1 and {depth}")
+    s = {i: spectrum(f[:, i - 1]) for i in layers}
+    rank = {i: math.exp(-(v * v.clamp_min(1e-30).log()).sum().item()) for i, v in s.items()}  # exp(entropy)
+    print(' | '.join(f"block {i}: effective rank {rank[i]:.1f}, top-1 share {s[i][0]:.3f}" for i in layers))
+    table(os.path.join(args.output_dir, 'spectrum.csv'), ['index', *[f'block{i}' for i in layers]],
+          [[j + 1, *[s[i][j].item() for i in layers]] for j in range(len(s[layers[0]]))], show=10)
+    plot_lines(os.path.join(args.output_dir, 'spectrum.png'),
+               [(f'block {i}', list(range(1, len(v) + 1)), v.clamp_min(1e-12).tolist(), 'line') for i, v in s.items()],
+               'singular value index', 'normalized singular value', f'feature covariance spectrum ({len(f)} images)', logy=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstructions and AvgDist
+
+
+def simmim_reconstruct(model, img, mask_seed):
+    """SimMIM (Fig. 4): a fresh random mask per image, mask tokens in, the linear head's pixels out."""
+    a, (gh, gw), rng = model.args, model.patch_embed.grid, np.random.default_rng(mask_seed)
+    mask = np.stack([common.simmim_mask(rng, gh * model.patch_size, a.mask_patch_size, model.patch_size, a.mask_ratio)
+                     for _ in range(len(img))])
+    mask = torch.from_numpy(mask).flatten(1).to(img.device)  # [B, L]
+    z = model.forward_features(img, mask=mask, mask_token=model.mask_token)  # [B, 1 + L, D]
+    pred = model.head_pred(z[:, model.num_prefix:])  # [B, L, p*p*3]
+    return mask, common.unpatchify(pred.float(), model.patch_size, (gh, gw))
+
+
+def reconstruction_grid(img, mask, pred, patch_size):
+    """uint8 [B*H, 3*W, 3]: per image, original | masked patches grey | prediction in the masked
+    patches pasted on the visible ones. img, pred: ImageNet-normalized [B, 3, H, W]; mask [B, L]."""
+    B, _, H, W = img.shape
+    m = mask.reshape(B, H // patch_size, W // patch_size).repeat_interleave(patch_size, 1)
+    m = m.repeat_interleave(patch_size, 2)[:, None].float()  # [B, 1, H, W]
+    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    orig, rec = ((x * std + mean).clamp(0, 1) for x in (img, pred))
+    rows = torch.cat([orig, orig * (1 - m) + 0.5 * m, orig * (1 - m) + rec * m], 3)  # [B, 3, H, 3W]
+    return (torch.cat(list(rows), 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+
+
+@torch.no_grad()
+def reconstruct(args):
+    ckpt = common.read_checkpoint(args.ckpt)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('args'), dict) or 'model' not in ckpt:
+        raise common.UsageError(f"{args.ckpt} is not a pretraining checkpoint of a nanoMIM script (no 'model' and 'args')")
+    simmim_like = 'head_pred.weight' in ckpt['model'] and 'mask_patch_size' in ckpt['args']
+    method = args.method or ckpt.get('method') or ('simmim' if simmim_like else None)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not method or not method.isidentifier() or not os.path.isfile(os.path.join(here, f'{method}.py')):
+        raise common.UsageError(f"cannot tell which script wrote {args.ckpt} ({method}): pass --method NAME for NAME.py next to evaluate.py")
+    module = importlib.import_module(method)
+    fn = getattr(module, 'reconstruct', None) or (simmim_reconstruct if method == 'simmim' else None)
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, common.VisionTransformer)
+               and c.__module__ == module.__name__]
+    if fn is None or len(classes) != 1:
+        raise common.UsageError(f"{method}.py defines no reconstruct(model, img, mask_seed) (or no single model class): "
+                                "see the contract in evaluate.py's docstring")
+    margs = argparse.Namespace(**ckpt['args'])
+    model = classes[0](margs)
+    missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
+    frozen = tuple(getattr(model, 'frozen_prefixes', ())) or ('\0',)
+    if unexpected or [k for k in missing if not k.startswith(frozen)]:
+        raise common.UsageError(f"{args.ckpt} does not match {method}.py's model (first: {(unexpected + missing)[0]})")
+    device = get_device(args)
+    model.args = margs
+    model.to(device).eval()
+    size = model.patch_embed.grid[0] * model.patch_size
+    args.batch_size = args.num_images
+    val = dataset(args, 'val', common.eval_transform(size))
+    img = common.to_device(next(iter(loader(val, args, shuffle=True))), device)['img']
+    mask, pred = fn(model, img, args.mask_seed)
+    grid = reconstruction_grid(img, mask, pred.float(), model.patch_size)
+    out = args.out or os.path.join(args.output_dir, 'reconstruct.png')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    Image.fromarray(grid).save(out)
+    print(f"{method}: {len(img)} images x (original | masked {mask.float().mean().item():.0%} | reconstruction) -> {out} "
+          f"({grid.shape[1]}x{grid.shape[0]} px)")
+
+
+def avg_dist(mask):
+    """SimMIM's AvgDist (Fig. 3) of a pixel mask [H, W] (1 = masked): the mean Euclidean distance from
+    each masked pixel to the nearest visible pixel. Exact, in two separable passes (squared distance
+    = min over columns x' of (x - x')^2 + the squared distance to the nearest visible pixel in column x')."""
+    H, W = mask.shape
+    visible = mask == 0
+    if not visible.any():
+        return math.inf
+    dy = (np.arange(H)[:, None] - np.arange(H)[None, :]).astype(np.float64) ** 2  # [H, H]
+    col = np.where(visible[None], dy[:, :, None], np.inf).min(1)  # [H, W]: nearest visible pixel in each column
+    dx = (np.arange(W)[:, None] - np.arange(W)[None, :]).astype(np.float64) ** 2  # [W, W]
+    d2 = (col[:, None, :] + dx[None]).min(2)  # [H, W]: min over columns x' of (x - x')^2 + col[y, x']
+    return float(np.sqrt(d2[mask > 0]).mean())
+
+
+def random_patch_mask(rng, grid, ratio):  # MAE's random masking: int(L * (1 - ratio)) patches kept
+    noise = torch.from_numpy(rng.random((1, grid * grid)))
+    return common.random_masking(noise, ratio)[1].reshape(grid, grid).numpy()
+
+
+MASKS = [  # (method, mask, patch size, generator rng -> [G, G] patch mask, 1 = masked), 224 px images
+    ('simmim', '32 px units, 60%', 16, lambda rng: common.simmim_mask(rng, 224, 32, 16, 0.6)),
+    ('maskdistill', 'block-wise, 40%', 16, lambda rng: common.block_mask(rng, (14, 14), int(0.4 * 196))),
+    ('mae, deepmim, lut', 'random, 75%', 16, lambda rng: random_patch_mask(rng, 14, 0.75)),
+    ('supmim', 'random, 20% (ViT-B/14)', 14, lambda rng: random_patch_mask(rng, 16, 0.2)),
+]
+
+
+def avgdist(args):
+    rows = []
+    for method, desc, p, gen in MASKS:
+        rng = np.random.default_rng(args.seed)
+        masks = [gen(rng).repeat(p, 0).repeat(p, 1) for _ in range(args.num_masks)]  # [224, 224] pixel masks
+        d = np.array([avg_dist(m) for m in masks])
+        rows.append([method, desc, f"{100 * np.mean(masks):.1f}%", f"{d.mean():.2f} +- {d.std():.2f}"])
+    table(None, ['method', 'mask', 'masked', f'AvgDist px ({args.num_masks} masks)'], rows)
+
+
+def export(args):
+    vit = load_model(args)
+    sd = {k: v.contiguous() for k, v in vit.state_dict().items()}  # timm names only: method parts were dropped
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.save_checkpoint(sd, args.out)
+    kw = vit.encoder_kwargs
+    print(f"wrote {args.out}: {len(sd)} tensors. Rebuild: common.VisionTransformer(**{kw})")
+    sizes = {(192, 12): 'tiny', (384, 12): 'small', (768, 12): 'base', (1024, 24): 'large', (1280, 32): 'huge'}
+    name = sizes.get((kw['embed_dim'], kw['depth']))
+    if name and kw['act'] == 'gelu' and not kw['pre_norm'] and kw['pos_embed'] == 'learn' and kw['class_token']:
+        pool = ", global_pool='avg'" if kw['global_pool'] == 'avg' else ''
+        print(f"timm: timm.create_model('vit_{name}_patch{kw['patch_size']}_{kw['img_size']}', "
+              f"num_classes={kw['num_classes']}{pool}{', init_values=1.0' if kw['init_values'] else ''})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and plots (PIL only)
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def table(path, header, rows, show=None):
+    """Print rows aligned (the first `show` of them) and write them to a CSV file when `path` is given."""
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in [header] + rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    for r in cells[:None if show is None else show + 1]:
+        print('  '.join(c.rjust(w) for c, w in zip(r, widths)))
+    if path:
+        with open(path, 'w', newline='') as f:
+            csv.writer(f).writerows([header] + rows)
+        print(f"-> {path}")
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def ticks(lo, hi, n):
+    """Round-numbered ticks (steps 1, 2 or 5 x 10^k) inside [lo, hi], about n of them."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def plot_lines(path, series, xlabel, ylabel, title, logy=False):
+    """A PNG plot: series [(label, xs, ys, 'line' | 'dots')], axes with numbered ticks, axis labels,
+    a title and a legend; log10 y axis with logy (ys > 0)."""
+    W, H, (L, R, T, B) = 760, 480, (80, 190, 40, 60)
+    img, f = Image.new('RGB', (W, H), 'white'), font(14)
+    d = ImageDraw.Draw(img)
+    ty = (lambda v: math.log10(v)) if logy else (lambda v: v)
+    xs = [x for s in series for x in s[1]]
+    ys = [ty(y) for s in series for y in s[2]]
+    x0, x1 = min(xs), max(xs) + (max(xs) == min(xs))
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (math.floor(y0), math.ceil(y1) + (math.ceil(y1) == math.floor(y0))) if logy else \
+        (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    for x in ticks(x0, x1, 8):
+        d.line([(px(x), H - B), (px(x), H - B + 5)], fill='black')
+        d.text((px(x), H - B + 8), f"{round(x, 9):g}", fill='black', font=f, anchor='mt')
+    for y in (range(y0, y1 + 1, max(1, (y1 - y0) // 8)) if logy else ticks(y0, y1, 6)):
+        d.line([(L, py(y)), (W - R, py(y))], fill=(230, 230, 230))
+        d.text((L - 8, py(y)), f"1e{y}" if logy else f"{round(y, 9):g}", fill='black', font=f, anchor='rm')
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for i, (label, sx, sy, kind) in enumerate(series):
+        color, pts = PALETTE[i % len(PALETTE)], [(px(x), py(ty(y))) for x, y in zip(sx, sy)]
+        if kind == 'line' and len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for x, y in pts if kind == 'dots' or len(pts) < 30 else []:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        ly = T + 10 + 22 * i  # legend
+        d.line([(W - R + 15, ly), (W - R + 40, ly)], fill=color, width=3)
+        d.text((W - R + 48, ly), label, fill='black', font=f, anchor='lm')
+    d.text(((L + W - R) / 2, T / 2), title, fill='black', font=font(16), anchor='mm')
+    d.text(((L + W - R) / 2, H - 18), xlabel, fill='black', font=f, anchor='mm')
+    text = Image.new('RGB', (H - T - B, 24), 'white')
+    ImageDraw.Draw(text).text((text.width / 2, 12), ylabel, fill='black', font=f, anchor='mm')
+    img.paste(text.rotate(90, expand=True), (8, T))
+    img.save(path)
+    print(f"-> {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+COMMANDS = {'knn': knn, 'retrieval': retrieval, 'linear': linear, 'finetune': finetune, 'export': export,
+            'attention-distance': attention_distance_cmd, 'cka': cka_cmd, 'spectrum': spectrum_cmd,
+            'reconstruct': reconstruct, 'avgdist': avgdist}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    COMMANDS[args.command](args)
+
+
+if __name__ == '__main__':
+    common.run(main)

@@ -1,0 +1,453 @@
+"""Improve Supervised Representation Learning with Masked Image Modeling (SupMIM; Chen et al., 2023, arXiv:2312.00950).
+
+Supervised ViT training with a masked-image-modeling task on the same batch. Each step runs the
+shared encoder twice and backpropagates once (Sec. 3.4): (1) the full image -> global average
+pooling -> classifier with a sigmoid cross-entropy on the labels; (2) the image with 20% of its
+patches dropped, MAE style -> a one-layer transformer decoder that sees the encoded visible tokens
+in place and their average [E] at the masked places -> the frozen VQGAN's token id of every patch
+(cross-entropy on all tokens). L = L_CE + lambda * L_MIM; the decoder is thrown away after training.
+
+  torchrun --nproc_per_node=8 supmim.py --data /imagenet --tokenizer vqgan_imagenet_f16_1024/last.ckpt  # ViT-B/14, 300 epochs
+  torchrun --nproc_per_node=8 supmim.py --data /imagenet --mim-weight 0      # the supervised baseline (same recipe)
+  python supmim.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --target pixels \
+      --batch-size 64 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick  # CPU, ~1 min
+
+Expected: ViT-B/14, ImageNet-1k, 300 epochs: 81.72% val top-1 against 79.71% for the baseline
+(Tab. 2), ImageNet k-NN recall@1 79.47% against 78.15% (Tab. 4). Every run ends by printing the
+classifier's top-1 on DIR/val (or the synthetic val split): `val top-1 XX.XX%`.
+"""
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def get_args(argv=None):
+    parser = common.get_parser(__doc__)
+    parser.add_argument('--mim-weight', type=float, default=1.0, help='lambda in Eq. 3 (Sec. 4.1); 0 = supervised baseline')
+    parser.add_argument('--target', choices=['tokens', 'pixels'], default='tokens',
+                        help='tokens: VQGAN ids (the paper, Sec. 3.3); pixels: per-patch normalized pixels (Fig. 1)')
+    parser.add_argument('--tokenizer', default=None, help="taming-transformers' vqgan_imagenet_f16_1024 last.ckpt")
+    parser.add_argument('--tokenizer-size', type=int, default=None,
+                        help="VQGAN input size (default: patch grid x the VQGAN's downsampling, 256 for ViT/14 at 224, Sec. 4.1)")
+    parser.add_argument('--mask-ratio', type=float, default=0.2, help='Sec. 4.1: constant 20%% (Fig. 3 sweeps 5-95%%)')
+    parser.add_argument('--decoder-depth', type=int, default=1, help='Sec. 3.1, Fig. 3: one transformer layer')
+    parser.add_argument('--pool-cls', choices=['gap', 'cls'], default='gap', help='Fig. 4: classifier input, GAP or [CLS]')
+    parser.add_argument('--pool-mim', choices=['gap', 'cls'], default='gap', help='Fig. 4: [E], GAP of the visible tokens or [CLS]')
+    parser.add_argument('--mask-cls-input', action='store_true', help='Fig. 5: the classifier sees the masked image too')
+    parser.add_argument('--crop-scale', type=float, nargs=2, default=(0.05, 1.0), help="AugReg's inception crop area range")
+    parser.add_argument('--randaug', type=float, nargs=2, default=(2, 15), metavar=('OPS', 'MAGNITUDE'),
+                        help="AugReg 'medium2' for B/16 and L/16 on ImageNet-1k: RandAugment(2, 15)")
+    parser.add_argument('--mixup', type=float, default=0.5, help="AugReg 'medium2': mixup alpha 0.5 (0 = off)")
+    parser.set_defaults(
+        model='vit_base', patch_size=14, img_size=224,  # Sec. 4.1: ViT-B/14 at 224 -> 16 x 16 = 256 tokens
+        batch_size=512,                  # x 8 GPUs = 4096 (Tab. 1)
+        blr=6.25e-5,                     # Tab. 1: lr 1e-3 at batch 4096 (an absolute value; = 6.25e-5 per 256)
+        epochs=300, warmup_steps=10000,  # Tab. 1: 300 epochs on IN-1k, 10k warmup steps then cosine
+        betas=(0.9, 0.96),               # Tab. 1
+        weight_decay=None,               # Tab. 1: 0.03 (B), 0.1 (L); set from --model below
+        min_lr=0.0, clip_grad=None,      # paper silent; big_vision's AugReg config clips at 1.0
+        output_dir='out/supmim')
+    args = parser.parse_args(argv)
+    if args.weight_decay is None:
+        args.weight_decay = 0.1 if args.model in ('vit_large', 'vit_huge') else 0.03
+    if not 0 <= args.mask_ratio < 1:
+        raise common.UsageError(f"--mask-ratio must be in [0, 1) (got {args.mask_ratio})")
+    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
+        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
+                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
+    # ImageFolder data: main() sets it from the folder's classes; synthetic data has 10
+    args.num_classes = len(common.SyntheticImages.SHAPES) if args.data == 'synthetic' else None
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class SupMIM(common.VisionTransformer):
+    """A ViT classifier (`head`, timm names) plus the MIM decoder (`decoder_*`) and the frozen VQGAN
+    (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4)."""
+    frozen_prefixes = ('tokenizer.',)
+
+    def __init__(self, args):
+        width, depth, heads = common.model_size(args.model)
+        super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
+                         num_heads=heads, num_classes=args.num_classes, drop_path_rate=args.drop_path,
+                         class_token='cls' in (args.pool_cls, args.pool_mim),
+                         global_pool='token' if args.pool_cls == 'cls' else 'avg')
+        # zero-initialized classifier (big_vision / Scenic ViT): all sigmoids start at 0.5
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.mim_weight, self.mask_ratio, self.target = args.mim_weight, args.mask_ratio, args.target
+        self.pool_mim, self.mask_cls_input, self.mixup_alpha = args.pool_mim, args.mask_cls_input, args.mixup
+        self.num_classes, self.tokenizer, self.tokenizer_flops = args.num_classes, None, 0
+        # lambda 0: the MIM branch is neither built nor run. The baseline then costs what a supervised
+        # run costs, and DDP meets no parameter without a gradient (a decoder multiplied by 0 would
+        # still be all-reduced every step, for nothing).
+        self.decoder_blocks = None
+        if self.mim_weight == 0:
+            return
+        grid = self.patch_embed.grid
+        if args.target == 'tokens':
+            self.tokenizer = load_vqgan(args.tokenizer)
+            factor = 2 ** (len(self.tokenizer.encoder.down) - 1)
+            self.tokenizer_size = args.tokenizer_size or grid[0] * factor
+            tokens = self.tokenizer_size // factor
+            if self.tokenizer_size % factor or (tokens, tokens) != grid:  # Sec. 3.3: one token per patch
+                raise common.UsageError(
+                    f"the VQGAN's token grid ({self.tokenizer_size / factor:g}x{self.tokenizer_size / factor:g} at "
+                    f"--tokenizer-size {self.tokenizer_size}) differs from the encoder's patch grid ({grid[0]}x{grid[1]} "
+                    f"at --img-size {args.img_size} --patch-size {args.patch_size}): use --tokenizer-size "
+                    f"{grid[0] * factor}, or ViT/14 at 224 with a 256 px VQGAN as the paper (Sec. 4.1)")
+            self.tokenizer_flops = count_flops(self.tokenizer, self.tokenizer_size)
+            out = self.tokenizer.quantize.embedding.num_embeddings  # 1024 logits per token
+        else:
+            out = args.patch_size ** 2 * 3
+        # learned, like the encoder's 1D position embedding ("same set of parameters as the ViT-B
+        # model", Sec. 3.1) and MAGE's decoder, whose [E]-filled layout SupMIM follows (Sec. 3.3)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=.02)
+        self.decoder_blocks = nn.ModuleList([common.Block(width, heads, 4.0, None, 0.0, nn.GELU(), 1e-6)
+                                             for _ in range(args.decoder_depth)])  # pre-LN layers at the encoder width
+        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
+        self.decoder_pred = nn.Linear(width, out)
+        for m in [*self.decoder_blocks.modules(), self.decoder_pred]:
+            if isinstance(m, nn.Linear):  # the encoder's init (MAE's xavier-uniform)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()  # frozen, always in inference mode
+        return self
+
+    def classify(self, img, ids_keep=None):
+        """Logits [B, C] of the classifier; ids_keep [B, K] encodes only those patches (Fig. 5)."""
+        return self.head(self.pool(self.forward_features(img, ids_keep=ids_keep)))
+
+    @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
+    def mixup(self, img, labels):
+        """AugReg's mixup: one lambda ~ Beta(alpha, alpha) per batch, images and one-hot labels mixed
+        with the reversed batch. Returns (img, soft targets [B, C])."""
+        rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
+        return common.mixup_cutmix(rng, img, labels, self.num_classes, mixup_alpha=self.mixup_alpha,
+                                   cutmix_alpha=0.0, label_smoothing=0.0)
+
+    def decoder_input(self, latent, ids_restore):
+        """Sec. 3.3: the encoded visible tokens back in their places, [E] at the masked ones.
+        latent [B, prefix + K, D] (encoder output); ids_restore [B, L] -> [B, L, D]."""
+        x = latent[:, self.num_prefix:]  # [B, K, D]
+        B, K, D = x.shape
+        fill = latent[:, :1] if self.pool_mim == 'cls' else x.mean(1, keepdim=True)  # [B, 1, D]: [CLS] or [E] = GAP
+        x = torch.cat([x, fill.expand(B, ids_restore.shape[1] - K, D)], 1)  # [B, L, D], kept tokens first
+        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # [B, L, D], original order
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_input(latent, ids_restore) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x, _ = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))  # [B, L, 1024 token logits or p*p*3 pixels]
+
+    @torch.no_grad()
+    def tokenize(self, img):
+        """VQGAN ids [B, L] of the augmented image: ImageNet normalization undone, scaled to [-1, 1]
+        and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1)."""
+        mean = torch.tensor(common.IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
+        std = torch.tensor(common.IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
+        x = (img * std + mean) * 2 - 1
+        if x.shape[-1] != self.tokenizer_size:
+            x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
+        return self.tokenizer.tokenize(x)
+
+    def forward(self, batch):
+        img, labels = batch['img'], batch['label']  # [B, 3, H, W] normalized, [B]
+        ids_keep = ids_restore = None
+        if self.decoder_blocks is not None or self.mask_cls_input:
+            noise = torch.rand(img.shape[0], self.num_patches, device=img.device)
+            ids_keep, _, ids_restore = common.random_masking(noise, self.mask_ratio)  # [B, K], _, [B, L]
+        # (1) classification of the mixed image. Mixup stays out of the MIM task: the blend of two
+        # photos is no natural image, so its VQGAN tokens (or pixels) would be a target of neither.
+        mixed, targets = self.mixup(img, labels)
+        loss_ce = sigmoid_cross_entropy(self.classify(mixed, ids_keep if self.mask_cls_input else None), targets)
+        if self.decoder_blocks is None:
+            return loss_ce, {'loss_ce': loss_ce}
+        # (2) MIM on the un-mixed image: only the visible patches are encoded (MAE), all are predicted
+        pred = self.forward_decoder(self.forward_features(img, ids_keep=ids_keep), ids_restore)
+        if self.target == 'tokens':
+            loss_mim = token_cross_entropy(pred, self.tokenize(img))
+        else:
+            loss_mim = pixel_loss(pred, common.patchify(img, self.patch_size))
+        loss = loss_ce + self.mim_weight * loss_mim  # Eq. (3)
+        return loss, {'loss_ce': loss_ce, 'loss_mim': loss_mim}
+
+    def flops_per_image(self):
+        """Classification pass (all tokens, or the kept ones with --mask-cls-input) and masked pass
+        (kept tokens) through the encoder, the decoder on all L tokens, x3 for the backward; the frozen
+        VQGAN's forward x1 (about 139 GFLOPs at 256 px, more than the ViT-B/14's 46)."""
+        D, L, K = self.embed_dim, self.num_patches, int(self.num_patches * (1 - self.mask_ratio))
+        flops = self.flops(self.num_prefix + (K if self.mask_cls_input else L)) + 2 * D * self.num_classes
+        if self.decoder_blocks is not None:
+            decoder = len(self.decoder_blocks) * (L * 24 * D * D + 4 * L * L * D) + 2 * L * D * self.decoder_pred.out_features
+            flops += self.flops(self.num_prefix + K) + decoder
+        return 3 * flops + self.tokenizer_flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: taming-transformers' VQGAN encoder and quantizer (vqgan_imagenet_f16_1024), with the
+# official module names so its Lightning checkpoint loads as is; the decoder is not needed.
+
+VQGAN_HINT = ("expected taming-transformers' vqgan_imagenet_f16_1024 last.ckpt (Lightning) or a state dict "
+              "with encoder.*, quant_conv.*, quantize.embedding.weight")
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block (GroupNorm 32, eps 1e-6); a 1x1 `nin_shortcut` where the width
+    changes. Dropout is 0 in this model and left out."""
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(32, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over positions, 1x1-conv q/k/v/proj_out, scale c**-0.5, residual."""
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # [B, 1, HW, C]
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))  # [B, C, H, W]
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv after a zero pad on the right and bottom only: exactly halves H and W."""
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Encoder(nn.Module):
+    """conv_in; per level `down.i`: ResnetBlocks (+ AttnBlocks at `attn_levels`) then a Downsample
+    except after the last level; mid block/attn/block; norm_out, swish, conv_out."""
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, z_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down, c = nn.ModuleList(), ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList([ResnetBlock(c if j == 0 else ch * mult, ch * mult) for j in range(num_res_blocks)])
+            level.attn = nn.ModuleList([AttnBlock(ch * mult) for _ in range(num_res_blocks)] if i in attn_levels else [])
+            c = ch * mult
+            if i < len(ch_mult) - 1:
+                level.downsample = Downsample(c)
+            self.down.append(level)
+        self.mid = nn.Module()  # a plain container: keys mid.block_1, mid.attn_1, mid.block_2
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+        self.norm_out, self.conv_out = nn.GroupNorm(32, c, eps=1e-6), nn.Conv2d(c, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = level.attn[j](block(h)) if len(level.attn) else block(h)
+            if hasattr(level, 'downsample'):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)  # key: quantize.embedding.weight
+
+    def forward(self, z):
+        """z [N, D] -> ids [N] of the nearest code, argmin_k |z|^2 + |e_k|^2 - 2 z.e_k, in float32."""
+        with torch.autocast('cuda' if z.is_cuda else 'cpu', enabled=False):  # (also on 'meta', for count_flops)
+            z, e = z.float(), self.embedding.weight.float()
+            return (z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()).argmin(1)  # [N, K] -> [N]
+
+
+class VQGANTokenizer(nn.Module):
+    """[B, 3, H, W] in [-1, 1] -> [B, (H/f) * (W/f)] code ids, row-major, f = 2 ** (levels - 1).
+    Defaults: the f16/1024 model (attention at level 4 = resolution 16 of a 256 px input)."""
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=256,
+                 embed_dim=256, n_embed=1024):
+        super().__init__()
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_levels, z_channels)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.quantize = VectorQuantizer(n_embed, embed_dim)
+
+    @torch.no_grad()
+    def tokenize(self, x):
+        z = self.quant_conv(self.encoder(x))  # [B, D, h, w]
+        B, D, h, w = z.shape
+        return self.quantize(z.permute(0, 2, 3, 1).reshape(B * h * w, D)).reshape(B, h * w)  # [B*h*w, D] -> [B, h*w]
+
+
+def vqgan_config(sd, path):
+    """VQGANTokenizer arguments read off the checkpoint's shapes, so smaller VQGANs load as well."""
+    need = ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'quantize.embedding.weight')
+    if any(k not in sd for k in need):
+        raise common.UsageError(f"{path} misses {', '.join(k for k in need if k not in sd)}: {VQGAN_HINT}")
+    ch = sd['encoder.conv_in.weight'].shape[0]
+    levels = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.'))
+    n_embed, embed_dim = sd['quantize.embedding.weight'].shape
+    return dict(ch=ch, ch_mult=tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels)),
+                num_res_blocks=1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.')),
+                attn_levels=tuple(i for i in range(levels) if f'encoder.down.{i}.attn.0.q.weight' in sd),
+                z_channels=sd['encoder.conv_out.weight'].shape[0], embed_dim=embed_dim, n_embed=n_embed)
+
+
+def load_vqgan(path):
+    """The frozen tokenizer (eval mode, no gradients) from a Lightning last.ckpt or a plain state dict."""
+    if not os.path.isfile(path):
+        raise common.UsageError(f"VQGAN checkpoint not found: {path} (download vqgan_imagenet_f16_1024 "
+                                "last.ckpt, linked from the taming-transformers README)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        with open(path, 'rb') as f:  # torch.save's zip archive, or its legacy format (a pickle: 0x80)
+            saved_by_torch = zipfile.is_zipfile(path) or f.read(1) == b'\x80'
+        if not isinstance(e, pickle.UnpicklingError) or not saved_by_torch:
+            raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
+        # a torch.save archive whose pickle holds objects besides tensors: Lightning's last.ckpt
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f"loading {path} with weights_only=False (a Lightning checkpoint; trusted files only)")
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as e:
+            raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
+    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
+    sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'quant_conv.', 'quantize.'))}  # no decoder, loss
+    try:
+        model = VQGANTokenizer(**vqgan_config(sd, path))
+    except KeyError as e:
+        raise common.UsageError(f"{path} misses {e}: {VQGAN_HINT}") from None
+    own = model.state_dict()
+    bad = [f"{k} {tuple(sd[k].shape) if k in sd else 'missing'} vs {tuple(v.shape)}" for k, v in own.items()
+           if k not in sd or sd[k].shape != v.shape] + [f"{k} unexpected" for k in sd if k not in own]
+    if bad:
+        raise common.UsageError(f"{path} does not fit a VQGAN encoder ({len(bad)} keys, first: {', '.join(bad[:3])}): {VQGAN_HINT}")
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False)
+
+
+def count_flops(tokenizer, size):
+    """Forward FLOPs of one size x size image through the tokenizer, counted on a weightless copy."""
+    with torch.device('meta'):
+        meta = VQGANTokenizer(**vqgan_config(tokenizer.state_dict(), 'tokenizer'))
+    with FlopCounterMode(display=False) as counter:
+        meta.tokenize(torch.empty(1, 3, size, size, device='meta'))
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def sigmoid_cross_entropy(logits, targets):
+    """Eq. (1): -y log(sigmoid(l)) - (1 - y) log(1 - sigmoid(l)), summed over the classes and averaged
+    over the batch, as big_vision's / Scenic's sigmoid_xent. logits, targets: [B, C]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction='none').sum(-1).mean()
+
+
+def token_cross_entropy(logits, ids):
+    """Eq. (2) on ALL tokens (the note under it; supp. B). Eq. (2) sums over the tokens j; this
+    averages them (as MAGE), so lambda = 1 weighs one token's loss against one image's L_CE: the
+    literal sum is --mim-weight L. logits [B, L, V], ids [B, L]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())  # [B*L, V], [B*L]
+
+
+def pixel_loss(pred, target):
+    """--target pixels: MSE against per-patch normalized pixels (MAE's norm_pix_loss: unbiased
+    variance, eps 1e-6), averaged over all tokens. pred, target: [B, L, p*p*3]."""
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    return ((pred.float() - (target - mean) / (var + 1e-6) ** .5) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def train_transform(args):
+    """AugReg (big_vision's vit_i1k.py, 'medium2' for B/16 and L/16): inception crop, flip, RandAugment.
+    RandAugment is common.rand_augment (timm's ops) at a fixed magnitude: 15 on the scale where 10 is
+    the nominal maximum, so rotate/shear/translate/enhance reach 1.5x their ranges as in big_vision;
+    timm's 'increasing' posterize and solarize saturate there (black, inverted) where TF's weaken."""
+    ops, magnitude = int(args.randaug[0]), args.randaug[1]
+
+    def transform(rng, img):
+        img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
+        if ops:
+            img = common.rand_augment(rng, img, num_ops=ops, magnitude=magnitude, mstd=0.0)
+        return {'img': common.to_tensor(img)}
+    return transform
+
+
+@torch.no_grad()
+def evaluate(args, model, dataset):
+    """Top-1 (%) of the classifier on center crops, in this process."""
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    model.eval()
+    correct, total = torch.zeros((), device=device), 0
+    for batch in loader:
+        batch = common.to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
+            correct += (model.classify(batch['img']).argmax(-1) == batch['label']).sum()
+        total += len(batch['label'])
+    return 100 * correct.item() / total
+
+
+def main():
+    args = get_args()
+    dataset = common.build_dataset(args, train_transform(args))
+    args.num_classes = len(dataset.classes)
+    val = None
+    if args.data == 'synthetic' or os.path.isdir(os.path.join(args.data, 'val')):
+        val = common.build_dataset(args, common.eval_transform(args.img_size), split='val')
+        if val.classes != dataset.classes:
+            raise common.UsageError(f"the classes of {args.data}/val differ from the training classes "
+                                    f"({len(val.classes)} vs {len(dataset.classes)} folders)")
+    elif int(os.environ.get('RANK', 0)) == 0:
+        print(f"no {args.data}/val folder: the final top-1 is skipped")
+    train_transform(args)(np.random.default_rng(0), Image.new('RGB', (8, 8)))  # bad sizes fail here, not in a worker
+    torch.manual_seed(args.seed)  # the same initial weights in every run with this seed
+    model = common.train(args, SupMIM(args), dataset)
+    if val is not None and int(os.environ.get('RANK', 0)) == 0:
+        print(f"val top-1 {evaluate(args, model, val):.2f}%")
+
+
+if __name__ == '__main__':
+    common.run(main)
