@@ -14,7 +14,7 @@ same decoders can regress CLIP features instead of pixels (DeepMIM-MAE-CLIP). `-
   torchrun --nproc_per_node=8 deepmim.py --data /imagenet --target clip --teacher ViT-B-16.pt      # DeepMIM-MAE-CLIP
   torchrun --nproc_per_node=8 deepmim.py --data /imagenet --taps '' --decoder-depth 8            # plain MAE
   python deepmim.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --taps 2,3 --decoder-dim 128 \
-      --decoder-heads 4 --batch-size 64 --epochs 4 --warmup-epochs 1 --synthetic-size 4000 --blr 2e-3 --output-dir out/quick  # CPU
+      --decoder-heads 4 --batch-size 64 --epochs 4 --warmup-epochs 1 --synthetic-size 4000 --blr 2e-3 --output-dir out/quick_deepmim  # CPU
 
 Expected (Tab. 2, ImageNet top-1 after fine-tuning, ViT-B/16): 1600 epochs: MAE 83.6, DeepMIM-MAE
 84.0, DeepMIM-dagger-MAE 84.2, DeepMIM-MAE-CLIP 85.6; 300 epochs: 82.6 / 83.4 / 83.6 / 84.8. The CPU
@@ -211,7 +211,7 @@ class DeepMIM(common.VisionTransformer):
         """Forward FLOPs per image: encoder on the 1 + K visible tokens, each decoder on all 1 + L."""
         keep, n = int(self.num_patches * (1 - self.mask_ratio)), 1 + self.num_patches
         d, out, depth = self.decoder_embed.out_features, self.decoder_pred.out_features, len(self.decoder_blocks)
-        per_decoder = (2 * (1 + keep) * self.embed_dim * d + depth * (12 * n * d * d + 4 * n * n * d)
+        per_decoder = (2 * (1 + keep) * self.embed_dim * d + depth * (24 * n * d * d + 4 * n * n * d)
                        + 2 * n * d * out)  # embed, blocks (as VisionTransformer.flops, MLP ratio 4), pred
         return self.flops(num_tokens=1 + keep) + len(self.decoders()) * per_decoder
 

@@ -34,14 +34,16 @@ frozen encoder in eval mode, at the checkpoint's resolution unless --img-size sa
       loads it with strict=True
 
 On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` to any of them
-(`linear ... --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3`).
+(`linear ... --cache-features --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3 --blr 10`:
+LARS moves a weight matrix by about lr / 1000 of its norm per step, so a few hundred steps need an lr
+near MAE's 6.4, not blr 0.1 x 256 / 256).
 
 `reconstruct` and other methods: the method is `--method NAME`, else the checkpoint's 'method'
 entry, else SimMIM when the checkpoint has its head. NAME.py's model class (its VisionTransformer
 subclass) is built from the checkpoint's 'args' (also set as `model.args`) and loaded; then
 NAME.reconstruct(model, img, mask_seed) -> (mask [B, L] with 1 = masked, pred [B, 3, H, W]) is
 called with img ImageNet-normalized; pred is in the same normalized pixel space (a method that
-predicts per-patch normalized pixels undoes that with the visible image's statistics). SimMIM's is here.
+predicts per-patch normalized pixels maps them back with each true patch's mean and variance). SimMIM's is here.
 """
 import argparse
 import csv
@@ -127,6 +129,7 @@ def get_args(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p = add('export', 'plain encoder state dict under timm names', [enc])
     p.add_argument('--out', required=True, help='output .pth file')
+    p.add_argument('--seed', type=int, default=0, help='for --random-init')
 
     p = add('finetune', 'end-to-end fine-tuning with the BEiT/MAE recipe', [common.get_parser(__doc__), enc, paths])
     a = p.add_argument
@@ -147,12 +150,10 @@ def get_args(argv=None):
         blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
         betas=(0.9, 0.999), img_size=None, output_dir='out/finetune')
     for action in p._actions:  # shared pretraining flags that fine-tuning does not use
-        if action.dest in ('model', 'patch_size', 'resume', 'save_every', 'peak_tflops', 'skip_nonfinite'):
+        if action.dest in ('model', 'patch_size', 'resume', 'save_every', 'peak_tflops', 'skip_nonfinite', 'log_every'):
             action.help = argparse.SUPPRESS
-    args = parser.parse_args(argv)
-    if getattr(args, 'img_size', None) is None and args.command == 'finetune':
-        args.img_size = None  # the checkpoint's, resolved once it is read
-    return args
+        action.required = action.required and action.dest != 'data'  # --train and --val do without it
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,22 +161,25 @@ def get_args(argv=None):
 
 
 def load_model(args, **overrides):
-    """The encoder of --ckpt as a common.VisionTransformer, built with `overrides` (img_size,
-    global_pool, num_classes, ...). `vit.mean_std` is the input normalization it was trained with."""
+    """The encoder of --ckpt as a common.VisionTransformer, built with `overrides` (global_pool,
+    num_classes, ...) and --img-size. `vit.mean_std` is the input normalization it was trained with."""
     if not os.path.isfile(args.ckpt):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
-    mean_std = (common.IMAGENET_MEAN, common.IMAGENET_STD)
-    try:
-        if args.format == 'clip':
-            raise common.UsageError('')
-        vit = common.build_encoder(args.ckpt, **overrides)[0]
-    except common.UsageError as error:
-        if args.format == 'timm':
-            raise
-        try:  # OpenAI CLIP: rebuild with the overrides, then copy the weights across
+    if getattr(args, 'img_size', None):
+        overrides['img_size'] = args.img_size  # pos_embed is resampled to it
+    vit, error, mean_std = None, None, (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    if args.format != 'clip':
+        try:
+            vit = common.build_encoder(args.ckpt, **overrides)[0]
+        except common.UsageError as e:
+            if args.format == 'timm':
+                raise
+            error = e  # auto: perhaps OpenAI CLIP; if not, this is the error to report
+    if vit is None:  # OpenAI CLIP: rebuild with the overrides, then copy the weights across
+        try:
             clip = common.load_clip_visual(args.ckpt)[0]
-        except common.UsageError:
-            raise (error if args.format == 'auto' else common.UsageError(f"{args.ckpt} is not an OpenAI CLIP file")) from None
+        except common.UsageError as e:
+            raise (error or e) from None
         vit = common.VisionTransformer(**dict(clip.encoder_kwargs, **overrides))
         common.load_encoder(vit, clip.state_dict(), allow_missing=('fc_norm.', 'head.'), path=args.ckpt)
         mean_std = (common.CLIP_MEAN, common.CLIP_STD)
@@ -187,10 +191,6 @@ def load_model(args, **overrides):
     print(f"encoder: {kw['embed_dim']} wide, {kw['depth']} blocks, patch {kw['patch_size']}, {kw['img_size']} px, "
           f"{sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M params" + (' (random init)' if args.random_init else ''))
     return vit
-
-
-def size_override(args):
-    return {'img_size': args.img_size} if args.img_size else {}
 
 
 def prepare(vit, img):
@@ -291,7 +291,7 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
 
 def frozen_train_val(args):
     device = get_device(args)
-    vit = load_model(args, **size_override(args)).to(device).eval()
+    vit = load_model(args).to(device).eval()
     tf = common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)
     train, val = datasets(args, tf, tf)
     return [extract_features(vit, loader(ds, args), device, args.pool) for ds in (train, val)] + [len(train.classes)]
@@ -348,7 +348,7 @@ def linear_head(dim, num_classes):
 
 def linear(args):
     device = get_device(args)
-    vit = load_model(args, **size_override(args)).to(device).eval()
+    vit = load_model(args).to(device).eval()
     size = vit.patch_embed.grid[0] * vit.patch_size
     augment = lambda rng, img: {'img': common.to_tensor(common.hflip(rng, common.random_resized_crop(rng, img, size)))}  # noqa: E731
     train, val = datasets(args, common.eval_transform(size) if args.cache_features else augment, common.eval_transform(size))
@@ -414,12 +414,13 @@ def layer_id(name, num_layers):
 
 def layer_decay_groups(model, weight_decay, layer_decay):
     """AdamW groups with lr_scale = layer_decay ** (num_layers - layer_id), num_layers = depth + 1
-    (MAE's param_groups_lrd); no weight decay on 1-D parameters, cls_token and pos_embed."""
+    (MAE's param_groups_lrd); no weight decay on 1-D parameters, cls_token, pos_embed and (BEiT) the
+    relative position bias table."""
     num_layers, groups = model.depth + 1, {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        i, no_wd = layer_id(name, num_layers), p.ndim == 1 or name in ('cls_token', 'pos_embed')
+        i, no_wd = layer_id(name, num_layers), p.ndim == 1 or name.endswith(('cls_token', 'pos_embed', 'bias_table'))
         group = groups.setdefault((i, no_wd), {'params': [], 'weight_decay': 0.0 if no_wd else weight_decay,
                                                'lr_scale': layer_decay ** (num_layers - i)})
         group['params'].append(p)
@@ -428,7 +429,7 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 def finetune_transform(args):
     """timm's create_transform as MAE fine-tunes: RandomResizedCrop (scale .08-1, bicubic), flip,
-    RandAugment, normalize, RandomErasing. args.img_size is read when the transform runs."""
+    RandAugment, normalize, RandomErasing."""
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
         img = common.rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
@@ -460,13 +461,11 @@ def evaluate(model, vit, data, device, amp, world):
 
 def finetune(args):
     rank, world, device = common.setup(args)
-    train = dataset(args, 'train', finetune_transform(args))
+    # args.img_size (None: the checkpoint's) is read when the transforms run, after load_model
+    train, val = datasets(args, finetune_transform(args), lambda rng, img: common.eval_transform(args.img_size)(rng, img))
     num_classes = len(train.classes)
-    vit = load_model(args, global_pool='avg', num_classes=num_classes, drop_path_rate=args.drop_path, **size_override(args))
+    vit = load_model(args, global_pool='avg', num_classes=num_classes, drop_path_rate=args.drop_path)
     args.img_size = vit.patch_embed.grid[0] * vit.patch_size
-    val = dataset(args, 'val', common.eval_transform(args.img_size))
-    if val.classes != train.classes:
-        raise common.UsageError(f"train and val have different class folders ({len(train.classes)} vs {len(val.classes)})")
     nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: start near zero logits
     nn.init.zeros_(vit.head.bias)
     vit.to(device)
@@ -558,10 +557,11 @@ def linear_cka(x, y):
 
 
 def spectrum(x):
-    """Singular values of the feature covariance of x [n, d], as fractions of their sum, descending.
-    LUT takes the n x n covariance; its nonzero singular values are those of this d x d one."""
+    """Singular values of the feature covariance of x [n, d], as fractions of their sum, descending;
+    the first min(n - 1, d), as the rank is at most that. LUT takes the n x n covariance; its nonzero
+    singular values are those of this d x d one."""
     x = x.double() - x.double().mean(0)
-    s = torch.linalg.svdvals(x.T @ x / (len(x) - 1))
+    s = torch.linalg.svdvals(x.T @ x / (len(x) - 1))[:len(x) - 1]
     return s / s.sum()
 
 
@@ -581,7 +581,7 @@ def block_features(vit, img):
 def analyse(args, fn):
     """fn(vit, img) over a seeded random subset of --num-images val images -> (vit, [N, ...] on the CPU)."""
     device = get_device(args)
-    vit = load_model(args, **size_override(args)).to(device).eval()
+    vit = load_model(args).to(device).eval()
     val = dataset(args, 'val', common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size))
     out, n = [], 0
     for batch in loader(val, args, shuffle=True):
@@ -742,7 +742,7 @@ def export(args):
     print(f"wrote {args.out}: {len(sd)} tensors. Rebuild: common.VisionTransformer(**{kw})")
     sizes = {(192, 12): 'tiny', (384, 12): 'small', (768, 12): 'base', (1024, 24): 'large', (1280, 32): 'huge'}
     name = sizes.get((kw['embed_dim'], kw['depth']))
-    if name and kw['act'] == 'gelu' and not kw['pre_norm'] and kw['pos_embed'] == 'learn' and kw['class_token']:
+    if name and kw['act'] == 'gelu' and not (kw['pre_norm'] or kw['rel_pos_bias']) and kw['pos_embed'] != 'none' and kw['class_token']:
         pool = ", global_pool='avg'" if kw['global_pool'] == 'avg' else ''
         print(f"timm: timm.create_model('vit_{name}_patch{kw['patch_size']}_{kw['img_size']}', "
               f"num_classes={kw['num_classes']}{pool}{', init_values=1.0' if kw['init_values'] else ''})")

@@ -39,7 +39,8 @@ def get_args(argv=None):
     parser.add_argument('--context-weight', type=float, default=None,
                         help='lambda of Eq. (3); Sec. 5.1.2: 0.25 for ViT-B, 1.0 for ViT-S (default: by --model)')
     parser.add_argument('--momentum', type=float, default=0.996,
-                        help='Sec. 5.1.2: target EMA momentum, raised to 1 by a cosine (public code default 0.99996)')
+                        help='Sec. 5.1.2: target EMA momentum, raised to 1 by a cosine (the public recipe passes 0.996; '
+                             'its argparse default is 0.99996)')
     parser.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
                         help="MAE's per-patch normalized pixel targets (the public recipe passes --norm_pix_loss)")
     parser.add_argument('--views', choices=['src', 'rrc'], default='src',

@@ -10,7 +10,7 @@ in place and their average [E] at the masked places -> the frozen VQGAN's token 
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --tokenizer vqgan_imagenet_f16_1024/last.ckpt  # ViT-B/14, 300 epochs
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --mim-weight 0      # the supervised baseline (same recipe)
   python supmim.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --target pixels \
-      --batch-size 64 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick  # CPU, ~1 min
+      --batch-size 64 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick_supmim  # CPU, ~1 min
 
 Expected: ViT-B/14, ImageNet-1k, 300 epochs: 81.72% val top-1 against 79.71% for the baseline
 (Tab. 2), ImageNet k-NN recall@1 79.47% against 78.15% (Tab. 4). Every run ends by printing the

@@ -2,7 +2,6 @@
 the official MAE layout, the FLOP count, and the CLI (one process and DDP)."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -188,8 +187,8 @@ def test_loss_matches_an_independent_computation(weight):
         q1 = model.head_predictor(model.head_projector(z1[:, 1:].mean(1)))
         q2 = model.head_predictor(model.head_projector(z2[:, 1:].mean(1)))
         # target: the full, unmasked other view through the EMA encoder and projector
-        t1 = projector_by_hand(model.target_projector, model.target_encoder.forward_features(batch['img'])[:, 1:].mean(1))
-        t2 = projector_by_hand(model.target_projector, model.target_encoder.forward_features(batch['img2'])[:, 1:].mean(1))
+        t1, t2 = (projector_by_hand(model.target_projector, model.target_encoder.forward_features(x)[:, 1:].mean(1))
+                  for x in (batch['img'], batch['img2']))
 
     def dist(q, t):
         return (2 - 2 * (q * t).sum(1) / (q.norm(dim=1) * t.norm(dim=1))).mean()
@@ -406,7 +405,6 @@ def test_cli_writes_checkpoint_and_log(tmp_path):
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
     vit, _ = common.build_encoder(str(out / 'checkpoint.pth'))  # the online encoder, not the target
     assert torch.equal(vit.state_dict()['blocks.0.attn.qkv.weight'], ckpt['model']['blocks.0.attn.qkv.weight'])
-    assert os.path.getsize(out / 'checkpoint.pth') > 0
 
 
 def test_cli_ddp_two_processes_keep_ranks_identical(tmp_path):
