@@ -888,7 +888,7 @@ def get_parser(doc):
     a('--betas', type=float, nargs=2, default=(0.9, 0.999))
     a('--clip-grad', type=float, default=None, help='max gradient norm (off when not given)')
     a('--drop-path', type=float, default=0.0)
-    a('--num-workers', type=int, default=8, help='data loading processes per GPU')
+    a('--num-workers', type=int, default=min(8, os.cpu_count() or 1), help='data loading processes per GPU')
     a('--seed', type=int, default=0)
     a('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pth')
     a('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default: on for CUDA)')

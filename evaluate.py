@@ -488,7 +488,8 @@ def finetune(args):
     amp = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
     os.makedirs(args.output_dir, exist_ok=True)
-    best_path, log = os.path.join(args.output_dir, 'finetune_best.pth'), os.path.join(args.output_dir, 'finetune_log.jsonl')
+    best_path = os.path.join(args.output_dir, 'finetune_best.pth')
+    log = open(os.path.join(args.output_dir, 'finetune_log.jsonl'), 'w') if rank == 0 else None  # this run's rows only
     if rank == 0:
         print(f"lr {args.lr:.3g} = blr {args.blr:g} x effective batch {eff_batch} / 256 | layer decay {args.layer_decay} | "
               f"{total} steps, {warmup} warmup | {num_classes} classes, {len(train)} train / {len(val)} val images")
@@ -527,8 +528,8 @@ def finetune(args):
             row = {'epoch': epoch + 1, 'loss': loss_sum.item() / steps_per_epoch, 'lr': lr, 'top1': top1, 'top5': top5}
             print(f"ep {epoch + 1:3d}/{args.epochs} | loss {row['loss']:.4f} | lr {lr:.2e} | "
                   f"val top-1 {top1:.2f}% top-5 {top5:.2f}% | best {best[0]:.2f}%")
-            with open(log, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+            log.write(json.dumps(row) + '\n')
+            log.flush()
     if rank == 0:
         print(f"fine-tune: best top-1 {best[0]:.2f}%  top-5 {best[1]:.2f}%  (epoch {best[2]}) -> {best_path}")
 

@@ -2,14 +2,20 @@
 supervised ViT step, and the speed of each method's data path next to torchvision's.
 
   python tests/bench.py --device cuda --model vit_base --batch 128 --compile       # one GPU, bf16
-  python tests/bench.py --device cpu --model vit_pico --img-size 32 --patch-size 4 --batch 32 --steps 5
-  python tests/bench.py --data-only --workers 1      # images/s per worker on ~500x375 JPEG photos
+  python tests/bench.py --device cpu --model vit_pico --img-size 32 --patch-size 4 --batch 32 --steps 5 --no-compile
+  python tests/bench.py --data-only --workers 1      # images/s per core on ~500x375 JPEG photos
 
 Step table: ms/step, img/s, MFU (each method's `flops_per_image()`: encoder, decoders and frozen
 teachers counted) and peak memory, N steps after warm-up on a fixed batch made by the method's own
-training transform. The timm row (when timm is importable; it is not a dependency) is
-`vit_base_patch16_224`-style supervised training with the same batch, compile and precision.
-The data table needs scikit-image for its sample photographs (benchmark only).
+training transform. Decoders, heads and teachers are the paper's sizes (random weights), or the
+tests' tiny ones with --parts tiny (the default for vit_pico). The timm row (when timm is
+importable; it is not a dependency) is `vit_base_patch16_224` resized to --model, trained
+supervised on the same images with the same compile and precision.
+
+Data table: images per CPU-second (one thread, as in a DataLoader worker) from JPEG file to the
+collated batch, for each method's transform and for the same pipeline written with torchvision
+(when importable), and images/s through a DataLoader with --workers processes. The photos are
+cut from scikit-image's samples (installed for the benchmark only).
 """
 import argparse
 import os
@@ -218,7 +224,11 @@ def with_workers(dataset, workers, n):
 def bench_data(args):
     """Each method's training transform, from JPEG file to the collated uint8 batch, next to the
     same pipeline written with torchvision (when importable)."""
-    folder = make_photos(tempfile.mkdtemp())
+    try:
+        folder = make_photos(tempfile.mkdtemp())
+    except ImportError:
+        print("\ndata path: needs scikit-image for its sample photographs (pip install scikit-image; benchmark only)")
+        return
     tmp, n = tempfile.mkdtemp(), args.data_images
     try:
         import torchvision
@@ -228,16 +238,17 @@ def bench_data(args):
     import PIL
     print(f"\ndata path: 224 px from ~500x375 JPEG q90 photos, {n} images per pipeline; Pillow {PIL.__version__}, "
           f"torch {torch.__version__}{version}")
-    print(f"{'method':<12} {'img/s/core':>10} {'torchvision':>11} {'ratio':>6} {f'img/s, {args.workers} workers':>18}")
+    print(f"{'method':<12} {'img/s/core':>10} {'torchvision':>11} {'ratio':>6} {f'img/s, {args.workers} worker(s)':>20}")
     threads = torch.get_num_threads()
     for name in args.methods:
         if not os.path.exists(os.path.join(ROOT, f'{name}.py')):
             continue
         ours = common.ImageFolder(folder, utils.method_setup(name, 'vit_pico', 224, 16, 0, tmp, transform_only=True))
-        core, ref = per_core([ours, TorchvisionFolder(ours.samples, tv[name])], n) if name in tv else (per_core([ours], n)[0], float('nan'))
+        pipelines = [ours, TorchvisionFolder(ours.samples, tv[name])] if name in tv else [ours]
+        core, ref = (per_core(pipelines, n) + [float('nan')])[:2]
         torch.set_num_threads(threads)
         wall = with_workers(ours, args.workers, n) if args.workers else float('nan')
-        print(f"{name:<12} {core:10.0f} {ref:11.0f} {core / ref:5.2f}x {wall:18.0f}", flush=True)
+        print(f"{name:<12} {core:10.0f} {ref:11.0f} {core / ref:5.2f}x {wall:20.0f}", flush=True)
 
 
 def main():

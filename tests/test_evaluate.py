@@ -28,7 +28,7 @@ def simmim_ckpt(tmp_path_factory):
     """The quick start's command on the tiny flags, as a user runs it."""
     out = tmp_path_factory.mktemp('simmim')
     r = run('simmim.py', *TINY, '--mask-patch-size', '8', '--output-dir', out)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and (out / 'checkpoint.pth').is_file(), r.stderr
     return str(out / 'checkpoint.pth')
 
 
@@ -249,6 +249,8 @@ def test_spectrum_of_known_covariance():
     rot, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
     got = evaluate.spectrum((x @ rot + 7.0).float())
     torch.testing.assert_close(got, (var / var.sum()).double(), rtol=1e-4, atol=1e-6)
+    few = evaluate.spectrum(torch.randn(5, 10, generator=g))  # 5 samples: rank 4, the zero tail left out
+    assert len(few) == 4 and few.min() > 1e-6 and few.sum().item() == pytest.approx(1.0)
 
 
 def brute_avg_dist(mask):
@@ -316,6 +318,31 @@ def test_finetune_help_lists_its_flags(capsys):
         evaluate.get_args(['finetune', '-h'])
     out = capsys.readouterr().out
     assert e.value.code == 0 and '--layer-decay' in out and '--ckpt' in out and '--peak-tflops' not in out
+
+
+def test_load_model_reads_openai_clip(tmp_path):
+    torch.manual_seed(0)
+    ref = common.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=1, pre_norm=True,
+                                   act='quick_gelu', norm_eps=1e-5, patch_bias=False)
+    names = [('patch_embed.proj.', 'conv1.'), ('norm_pre.', 'ln_pre.'), ('norm.', 'ln_post.'), ('blocks.', 'transformer.resblocks.'),
+             ('.norm1.', '.ln_1.'), ('.norm2.', '.ln_2.'), ('.attn.qkv.', '.attn.in_proj_'), ('.attn.proj.', '.attn.out_proj.'),
+             ('.mlp.fc1.', '.mlp.c_fc.'), ('.mlp.fc2.', '.mlp.c_proj.')]
+    sd = {}
+    for k, v in ref.state_dict().items():
+        for a, b in names:
+            k = b + k[len(a):] if k.startswith(a) else k.replace(a, b)
+        sd['visual.' + k] = v.half()  # OpenAI's layout and dtype
+    sd['visual.class_embedding'] = sd.pop('visual.cls_token').flatten()
+    sd['visual.positional_embedding'] = sd.pop('visual.pos_embed')[0]
+    sd['visual.proj'] = torch.zeros(64, 16)
+    torch.save(sd, tmp_path / 'clip.pt')
+    args = evaluate.get_args(['knn', '--ckpt', str(tmp_path / 'clip.pt')])
+    vit = evaluate.load_model(args, global_pool='avg', num_classes=3)
+    assert vit.mean_std == (common.CLIP_MEAN, common.CLIP_STD) and vit.encoder_kwargs['act'] == 'quick_gelu'
+    own = vit.state_dict()
+    assert all(torch.equal(own[k], v.half().float()) for k, v in ref.state_dict().items() if not k.startswith('norm.'))
+    u8 = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(evaluate.prepare(vit, common.normalize(u8)), common.normalize(u8, common.CLIP_MEAN, common.CLIP_STD))
 
 
 def test_quick_start_knn(simmim_ckpt):
