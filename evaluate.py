@@ -43,7 +43,7 @@ entry, else SimMIM when the checkpoint has its head. NAME.py's model class (its 
 subclass) is built from the checkpoint's 'args' (also set as `model.args`) and loaded; then
 NAME.reconstruct(model, img, mask_seed) -> (mask [B, L] with 1 = masked, pred [B, 3, H, W]) is
 called with img ImageNet-normalized; pred is in the same normalized pixel space (a method that
-predicts per-patch normalized pixels maps them back with each true patch's mean and variance). SimMIM's is here.
+predicts per-patch normalized pixels maps them back with each true patch's mean and variance).
 """
 import argparse
 import csv
@@ -634,17 +634,6 @@ def spectrum_cmd(args):
 # Reconstructions and AvgDist
 
 
-def simmim_reconstruct(model, img, mask_seed):
-    """SimMIM (Fig. 4): a fresh random mask per image, mask tokens in, the linear head's pixels out."""
-    a, (gh, gw), rng = model.args, model.patch_embed.grid, np.random.default_rng(mask_seed)
-    mask = np.stack([common.simmim_mask(rng, gh * model.patch_size, a.mask_patch_size, model.patch_size, a.mask_ratio)
-                     for _ in range(len(img))])
-    mask = torch.from_numpy(mask).flatten(1).to(img.device)  # [B, L]
-    z = model.forward_features(img, mask=mask, mask_token=model.mask_token)  # [B, 1 + L, D]
-    pred = model.head_pred(z[:, model.num_prefix:])  # [B, L, p*p*3]
-    return mask, common.unpatchify(pred.float(), model.patch_size, (gh, gw))
-
-
 def reconstruction_grid(img, mask, pred, patch_size):
     """uint8 [B*H, 3*W, 3]: per image, original | masked patches grey | prediction in the masked
     patches pasted on the visible ones. img, pred: ImageNet-normalized [B, 3, H, W]; mask [B, L]."""
@@ -668,7 +657,7 @@ def reconstruct(args):
     if not method or not method.isidentifier() or not os.path.isfile(os.path.join(here, f'{method}.py')):
         raise common.UsageError(f"cannot tell which script wrote {args.ckpt} ({method}): pass --method NAME for NAME.py next to evaluate.py")
     module = importlib.import_module(method)
-    fn = getattr(module, 'reconstruct', None) or (simmim_reconstruct if method == 'simmim' else None)
+    fn = getattr(module, 'reconstruct', None)
     classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, common.VisionTransformer)
                and c.__module__ == module.__name__]
     if fn is None or len(classes) != 1:

@@ -57,7 +57,7 @@ class SimMIM(common.VisionTransformer):
         super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
                          num_heads=heads, drop_path_rate=args.drop_path, init_values=args.layer_scale,
                          rel_pos_bias=args.rel_pos_bias, pos_embed='none' if args.rel_pos_bias else 'learn')
-        self.loss_on = args.loss_on
+        self.loss_on, self.mask_ratio, self.mask_patch_size = args.loss_on, args.mask_ratio, args.mask_patch_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.mask_token, std=.02)
         self.head_pred = nn.Linear(width, args.patch_size ** 2 * 3)  # one linear layer (Tab. 2)
@@ -86,6 +86,20 @@ def forward_loss(pred, target, mask):
     pixels_per_patch = pred.shape[-1] // 3
     l1 = (pred.float() - target).abs().sum(-1)  # [B, L], summed over the patch's pixels and channels
     return (l1 * mask).sum() / (mask.sum() * pixels_per_patch + 1e-5) / 3
+
+
+@torch.no_grad()
+def reconstruct(model, img, mask_seed=0):
+    """Fig. 4-5: a fresh SimMIM mask per image, mask tokens in, the linear head's pixels out.
+    img: [B, 3, H, W] ImageNet-normalized. Returns mask [B, L] (1 = masked) and the predicted image
+    [B, 3, H, W] in the same normalized space, every patch predicted. Call model.eval() first."""
+    rng = np.random.default_rng(mask_seed)
+    mask = np.stack([common.simmim_mask(rng, img.shape[-1], model.mask_patch_size, model.patch_size, model.mask_ratio)
+                     for _ in range(len(img))])  # [B, G, G]
+    mask = torch.from_numpy(mask).flatten(1).to(img.device)  # [B, L]
+    z = model.forward_features(img, mask=mask, mask_token=model.mask_token)  # [B, 1 + L, D]
+    pred = model.head_pred(z[:, model.num_prefix:])  # [B, L, p*p*3]
+    return mask, common.unpatchify(pred.float(), model.patch_size, model.patch_embed.grid)
 
 
 # ----------------------------------------------------------------------------------------------
