@@ -218,7 +218,7 @@ class DeepMIM(common.VisionTransformer):
     def flops_per_image(self):
         frozen = self.hybrid_mae.forward_flops() if self.hybrid_mae is not None else 0
         if self.teacher is not None:
-            frozen = self.teacher.flops() + 2 * (1 + self.num_patches) * self.teacher_proj.numel()
+            frozen = self.teacher.flops() + 2 * self.num_patches * self.teacher_proj.numel()  # proj on the L patch tokens
         return 3 * self.forward_flops() + frozen  # backward ~ 2x forward; frozen parts forward only
 
 

@@ -92,10 +92,7 @@ CASES = [  # (method, extra flags on top of utils.METHOD_FLAGS, or a function of
     ('simmim', []), ('simmim', ['--rel-pos-bias']),
     ('maskdistill', []), ('maskdistill', ['--no-rel-pos-bias']), ('maskdistill', clip_teacher),
     ('deepmim', []), ('deepmim', ['--taps', '']),
-    pytest.param('deepmim', clip_target, marks=pytest.mark.xfail(strict=True, reason=(
-        "deepmim.DeepMIM.flops_per_image books the CLIP projection on 1 + L tokens, 2 * (1 + L) * teacher_proj.numel(); "
-        "targets() projects the L patch tokens only (cls dropped first): 2 * W * E too many per image, +4,096 "
-        "of 85,203,072 here, +786,432 (W 768, E 512) of 126.7 GFLOPs for ViT-B/16 with CLIP-B/16"))),
+    ('deepmim', clip_target),
     ('lut', []), ('lut', ['--steer', 'all', '--supervision', 'token']), ('lut', ['--target-mask-ratio', '0.5']),
     ('supmim', []), ('supmim', tiny_vqgan), ('supmim', ['--mask-cls-input', '--pool-cls', 'cls']),
     ('supmim', ['--mim-weight', '0']),
