@@ -18,7 +18,6 @@ classifier's top-1 on DIR/val (or the synthetic val split): `val top-1 XX.XX%`.
 """
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import torch
@@ -336,18 +335,15 @@ def load_vqgan(path):
                                 "last.ckpt, linked from the taming-transformers README)")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        with open(path, 'rb') as f:  # torch.save's zip archive, or its legacy format (a pickle: 0x80)
-            saved_by_torch = zipfile.is_zipfile(path) or f.read(1) == b'\x80'
-        if not isinstance(e, pickle.UnpicklingError) or not saved_by_torch:
-            raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
-        # a torch.save archive whose pickle holds objects besides tensors: Lightning's last.ckpt
+    except pickle.UnpicklingError:  # Lightning's last.ckpt pickles objects besides the tensors
         if int(os.environ.get('RANK', 0)) == 0:
             print(f"loading {path} with weights_only=False (a Lightning checkpoint; trusted files only)")
         try:
             ckpt = torch.load(path, map_location='cpu', weights_only=False)
         except Exception as e:
             raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
+    except Exception as e:
+        raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
     sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
     sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'quant_conv.', 'quantize.'))}  # no decoder, loss
     try:
