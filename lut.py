@@ -10,7 +10,7 @@ so they show nearly the same content; the loss is symmetrized over the two views
   torchrun --nproc_per_node=8 lut.py --data /imagenet          # ViT-B/16, 224 px, 1600 epochs (Sec. 5.1.2)
   python lut.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --decoder-dim 128 \
       --decoder-depth 2 --decoder-heads 4 --batch-size 64 --epochs 4 --warmup-epochs 1 \
-      --synthetic-size 4000 --blr 2e-3 --output-dir out/quick_lut  # CPU, ~1 min
+      --synthetic-size 4000 --blr 2e-3 --output-dir out/quick_lut  # CPU, ~1.5 min
 
 Expected: ViT-B/16 1600 epochs -> 84.2% ImageNet top-1 after fine-tuning (MAE: 83.6), ViT-S/16
 82.0 (Tab. 1); 400 epochs -> 83.6 (Sec. 5.1.4). The CPU run ends with a checkpoint whose k-NN
