@@ -682,6 +682,13 @@ def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return x
 
 
+def renormalize(x, mean, std):
+    """ImageNet-normalized [B, 3, H, W] -> the same pixels normalized by (mean, std) instead (a
+    teacher's or tokenizer's input), per channel x * s + t. The constants stay Python numbers, so
+    nothing is copied to the device and waited for."""
+    return torch.stack([x[:, c] * (IMAGENET_STD[c] / std[c]) + (IMAGENET_MEAN[c] - mean[c]) / std[c] for c in range(3)], 1)
+
+
 # Photometric augmentations (MaskDistill's colour jitter, LUT's second view, RandAugment)
 
 BICUBIC = Image.Resampling.BICUBIC

@@ -178,9 +178,7 @@ class DeepMIM(common.VisionTransformer):
         """One target [B, L, P] per decoder (unnormalized: norm_pix is applied in the loss)."""
         if self.target == 'clip':  # the full image's CLIP patch features, for every decoder (Tab. 11)
             with torch.no_grad():
-                mean, std, cmean, cstd = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (
-                    common.IMAGENET_MEAN, common.IMAGENET_STD, common.CLIP_MEAN, common.CLIP_STD))
-                x = (img * std + mean - cmean) / cstd  # the same crop, ImageNet normalization undone, CLIP's applied
+                x = common.renormalize(img, common.CLIP_MEAN, common.CLIP_STD)  # the same crop, CLIP's normalization
                 size = self.teacher.patch_embed.grid[0] * self.teacher.patch_size
                 if x.shape[-1] != size:  # same grid, other patch size: resize for the teacher
                     x = F.interpolate(x, size=(size, size), mode='bicubic', align_corners=False)

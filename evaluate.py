@@ -197,9 +197,7 @@ def prepare(vit, img):
     """An ImageNet-normalized batch in the normalization the encoder was trained with (CLIP's differs)."""
     if vit.mean_std[0] == common.IMAGENET_MEAN:
         return img
-    t = lambda v: torch.tensor(v, device=img.device).view(1, 3, 1, 1)  # noqa: E731
-    (m0, s0), (m1, s1) = (common.IMAGENET_MEAN, common.IMAGENET_STD), vit.mean_std
-    return (img * t(s0) + t(m0) - t(m1)) / t(s1)
+    return common.renormalize(img, *vit.mean_std)
 
 
 def get_device(args):

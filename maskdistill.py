@@ -83,10 +83,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.vit, self.ln_post = vit, ln_post
         self.register_buffer('proj', proj)  # [D, E] as x @ proj, or None
-        # ImageNet-normalized x -> (x * std_in + mean_in - mean) / std, one multiply-add per channel
-        std_in, mean_in = torch.tensor(common.IMAGENET_STD), torch.tensor(common.IMAGENET_MEAN)
-        self.register_buffer('scale', (std_in / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('shift', ((mean_in - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        self.mean, self.std = mean, std  # the teacher's input normalization
         self.img_size = vit.patch_embed.grid[0] * vit.patch_size
         self.out_dim = vit.embed_dim if proj is None else proj.shape[1]
         self.requires_grad_(False)
@@ -97,7 +94,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, img):
-        x = img * self.scale + self.shift
+        x = common.renormalize(img, self.mean, self.std)  # ImageNet's normalization undone, the teacher's applied
         if x.shape[-1] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bicubic', align_corners=False)
         tokens, (last,) = self.vit.forward_features(x, taps=(self.vit.depth,))  # after / before the final norm

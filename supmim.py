@@ -164,9 +164,7 @@ class SupMIM(common.VisionTransformer):
     def tokenize(self, img):
         """VQGAN ids [B, L] of the augmented image: ImageNet normalization undone, scaled to [-1, 1]
         and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1)."""
-        mean = torch.tensor(common.IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
-        std = torch.tensor(common.IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
-        x = (img * std + mean) * 2 - 1
+        x = common.renormalize(img, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1 for p in [0, 1]
         if x.shape[-1] != self.tokenizer_size:
             x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
         return self.tokenizer.tokenize(x)

@@ -249,3 +249,13 @@ def test_synthetic_dataset_is_deterministic_and_labelled():
     assert [a[i]['label'] for i in range(12)] == [i % 10 for i in range(12)]
     val = common.SyntheticImages(tf, 40, split='val')
     assert not np.array_equal(np.asarray(a.load(3)), np.asarray(val.load(3)))
+
+
+def test_renormalize_swaps_imagenet_for_another_normalization():
+    p = torch.rand(2, 3, 4, 5)  # pixels in [0, 1]
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+    x = common.normalize((p * 255).round().to(torch.uint8))  # ImageNet-normalized, as the loop hands it over
+    q = (p * 255).round() / 255
+    want = torch.stack([(q[:, c] - mean[c]) / std[c] for c in range(3)], 1)
+    torch.testing.assert_close(common.renormalize(x, mean, std), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(common.renormalize(x, (0.5,) * 3, (0.5,) * 3), 2 * q - 1, atol=1e-5, rtol=1e-5)
