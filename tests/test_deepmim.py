@@ -6,7 +6,7 @@ import torch
 
 import common
 import deepmim
-from utils import TINY, run
+from utils import TINY, official_mae_shapes, run
 
 SMALL = ['--decoder-dim', '32', '--decoder-heads', '2', '--decoder-depth', '1']  # a fast decoder for CLI runs
 D, DEPTH, P, L = 96, 4, 4, 64  # vit_pico at 32 px, patch 4: 8 x 8 patches
@@ -19,29 +19,6 @@ def args_for(*flags):
 def batch_of(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {'img': torch.randn(n, 3, 32, 32, generator=g)}
-
-
-def official_mae_shapes(dim, depth, patch, num_patches, dec_dim, dec_depth):
-    """Key -> shape of an official MAE checkpoint (models_mae.py / mae_visualize_*.pth), from REFERENCE.md."""
-    def block(prefix, w):
-        return {f'{prefix}.norm1.weight': (w,), f'{prefix}.norm1.bias': (w,),
-                f'{prefix}.attn.qkv.weight': (3 * w, w), f'{prefix}.attn.qkv.bias': (3 * w,),
-                f'{prefix}.attn.proj.weight': (w, w), f'{prefix}.attn.proj.bias': (w,),
-                f'{prefix}.norm2.weight': (w,), f'{prefix}.norm2.bias': (w,),
-                f'{prefix}.mlp.fc1.weight': (4 * w, w), f'{prefix}.mlp.fc1.bias': (4 * w,),
-                f'{prefix}.mlp.fc2.weight': (w, 4 * w), f'{prefix}.mlp.fc2.bias': (w,)}
-    enc = {'cls_token': (1, 1, dim), 'pos_embed': (1, 1 + num_patches, dim),
-           'patch_embed.proj.weight': (dim, 3, patch, patch), 'patch_embed.proj.bias': (dim,),
-           'norm.weight': (dim,), 'norm.bias': (dim,)}
-    for i in range(depth):
-        enc.update(block(f'blocks.{i}', dim))
-    dec = {'mask_token': (1, 1, dec_dim), 'decoder_embed.weight': (dec_dim, dim), 'decoder_embed.bias': (dec_dim,),
-           'decoder_pos_embed': (1, 1 + num_patches, dec_dim), 'decoder_norm.weight': (dec_dim,),
-           'decoder_norm.bias': (dec_dim,), 'decoder_pred.weight': (patch * patch * 3, dec_dim),
-           'decoder_pred.bias': (patch * patch * 3,)}
-    for i in range(dec_depth):
-        dec.update(block(f'decoder_blocks.{i}', dec_dim))
-    return enc, dec
 
 
 def random_mae_file(path, dec_dim=32, dec_depth=2, seed=0):

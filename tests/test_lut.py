@@ -10,7 +10,7 @@ from PIL import Image
 
 import common
 import lut
-from utils import TINY, run
+from utils import TINY, official_mae_shapes, run
 
 SMALL = ['--decoder-dim', '32', '--decoder-heads', '2', '--decoder-depth', '1', '--head-dim', '64']
 D, DEPTH, P, S = 96, 4, 4, 32  # vit_pico at 32 px, patch 4
@@ -343,27 +343,10 @@ def test_two_views_differ_and_view2_has_the_colour_augmentations():
 # Official MAE layout
 
 
-def official_mae_shapes(dim, depth, patch, num_patches, dec_dim, dec_depth):
-    """Key -> shape of an official MAE checkpoint with its decoder (models_mae.py, mae_visualize_*.pth)."""
-    def block(prefix, w):
-        return {f'{prefix}.norm1.weight': (w,), f'{prefix}.norm1.bias': (w,),
-                f'{prefix}.attn.qkv.weight': (3 * w, w), f'{prefix}.attn.qkv.bias': (3 * w,),
-                f'{prefix}.attn.proj.weight': (w, w), f'{prefix}.attn.proj.bias': (w,),
-                f'{prefix}.norm2.weight': (w,), f'{prefix}.norm2.bias': (w,),
-                f'{prefix}.mlp.fc1.weight': (4 * w, w), f'{prefix}.mlp.fc1.bias': (4 * w,),
-                f'{prefix}.mlp.fc2.weight': (w, 4 * w), f'{prefix}.mlp.fc2.bias': (w,)}
-    out = {'cls_token': (1, 1, dim), 'pos_embed': (1, 1 + num_patches, dim),
-           'patch_embed.proj.weight': (dim, 3, patch, patch), 'patch_embed.proj.bias': (dim,),
-           'norm.weight': (dim,), 'norm.bias': (dim,),
-           'mask_token': (1, 1, dec_dim), 'decoder_embed.weight': (dec_dim, dim), 'decoder_embed.bias': (dec_dim,),
-           'decoder_pos_embed': (1, 1 + num_patches, dec_dim), 'decoder_norm.weight': (dec_dim,),
-           'decoder_norm.bias': (dec_dim,), 'decoder_pred.weight': (patch * patch * 3, dec_dim),
-           'decoder_pred.bias': (patch * patch * 3,)}
-    for i in range(depth):
-        out.update(block(f'blocks.{i}', dim))
-    for i in range(dec_depth):
-        out.update(block(f'decoder_blocks.{i}', dec_dim))
-    return out
+def mae_shapes(*args):
+    """The official MAE table (encoder and decoder) as one key -> shape dict."""
+    enc, dec = official_mae_shapes(*args)
+    return {**enc, **dec}
 
 
 def test_state_dict_is_official_mae_plus_the_lut_heads():
@@ -371,14 +354,14 @@ def test_state_dict_is_official_mae_plus_the_lut_heads():
     sd = model.state_dict()
     extra = [k for k in sd if k.startswith(('head_', 'target_'))]
     core = {k: tuple(v.shape) for k, v in sd.items() if k not in extra}
-    assert core == official_mae_shapes(D, DEPTH, P, L, 32, 2)
+    assert core == mae_shapes(D, DEPTH, P, L, 32, 2)
     # Sec. 5.1.1: projector and predictor are Linear D -> H, BatchNorm(H), ReLU, Linear H -> D, no biases
     for head in ('head_projector', 'head_predictor', 'target_projector'):
         assert tuple(sd[f'{head}.0.weight'].shape) == (64, D) and tuple(sd[f'{head}.3.weight'].shape) == (D, 64)
         assert f'{head}.1.running_var' in sd and f'{head}.0.bias' not in sd and f'{head}.3.bias' not in sd
 
     g = torch.Generator().manual_seed(0)
-    official = {k: torch.randn(s, generator=g) for k, s in official_mae_shapes(D, DEPTH, P, L, 32, 2).items()}
+    official = {k: torch.randn(s, generator=g) for k, s in mae_shapes(D, DEPTH, P, L, 32, 2).items()}
     missing, unexpected = model.load_state_dict(official, strict=False)
     # strict on every MAE key (BatchNorm tolerates a missing num_batches_tracked, so it is not reported)
     assert unexpected == [] and sorted(missing) == sorted(k for k in extra if not k.endswith("num_batches_tracked"))

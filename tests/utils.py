@@ -69,3 +69,26 @@ METHOD_FLAGS = {
     'lut': lambda tmp, a: ['--decoder-dim', '32', '--decoder-depth', '1', '--decoder-heads', '2', '--head-dim', '64'],
     'supmim': lambda tmp, a: ['--target', 'pixels'],
 }
+
+
+def official_mae_shapes(dim, depth, patch, num_patches, dec_dim, dec_depth):
+    """Key -> shape of an official MAE checkpoint (models_mae.py / mae_visualize_*.pth), from REFERENCE.md."""
+    def block(prefix, w):
+        return {f'{prefix}.norm1.weight': (w,), f'{prefix}.norm1.bias': (w,),
+                f'{prefix}.attn.qkv.weight': (3 * w, w), f'{prefix}.attn.qkv.bias': (3 * w,),
+                f'{prefix}.attn.proj.weight': (w, w), f'{prefix}.attn.proj.bias': (w,),
+                f'{prefix}.norm2.weight': (w,), f'{prefix}.norm2.bias': (w,),
+                f'{prefix}.mlp.fc1.weight': (4 * w, w), f'{prefix}.mlp.fc1.bias': (4 * w,),
+                f'{prefix}.mlp.fc2.weight': (w, 4 * w), f'{prefix}.mlp.fc2.bias': (w,)}
+    enc = {'cls_token': (1, 1, dim), 'pos_embed': (1, 1 + num_patches, dim),
+           'patch_embed.proj.weight': (dim, 3, patch, patch), 'patch_embed.proj.bias': (dim,),
+           'norm.weight': (dim,), 'norm.bias': (dim,)}
+    for i in range(depth):
+        enc.update(block(f'blocks.{i}', dim))
+    dec = {'mask_token': (1, 1, dec_dim), 'decoder_embed.weight': (dec_dim, dim), 'decoder_embed.bias': (dec_dim,),
+           'decoder_pos_embed': (1, 1 + num_patches, dec_dim), 'decoder_norm.weight': (dec_dim,),
+           'decoder_norm.bias': (dec_dim,), 'decoder_pred.weight': (patch * patch * 3, dec_dim),
+           'decoder_pred.bias': (patch * patch * 3,)}
+    for i in range(dec_depth):
+        dec.update(block(f'decoder_blocks.{i}', dec_dim))
+    return enc, dec
