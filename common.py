@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -114,14 +115,20 @@ class QuickGELU(nn.Module):  # CLIP's activation
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, rel_pos_grid=None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)  # rows are q; k; v, heads contiguous within each
         self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = None
+        if rel_pos_grid:  # fine-tuned BEiT: a relative position bias of the block's own (timm Beit's names)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_len(rel_pos_grid), num_heads))
+            self.register_buffer('relative_position_index', rel_pos_index(rel_pos_grid), persistent=False)
 
     def forward(self, x, bias=None, return_attn=False):
         B, N, C = x.shape
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)  # [1, H, N, N]
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, C/H]
         attn = None
         if return_attn:  # explicit softmax, for analysis only
@@ -152,9 +159,9 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop_path, act, eps):
+    def __init__(self, dim, num_heads, mlp_ratio, init_values, drop_path, act, eps, rel_pos_grid=None):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads, rel_pos_grid)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio), act)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -167,20 +174,29 @@ class Block(nn.Module):
         return x, attn
 
 
+def rel_pos_len(grid):  # one entry per 2D offset between patches, plus cls->patch, patch->cls, cls->cls
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+def rel_pos_index(grid):
+    """BEiT's [N, N] index (N = 1 + h*w, cls first) into a table of rel_pos_len(grid) rows."""
+    h, w = grid
+    n = rel_pos_len(grid) - 3
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # [2, h*w]
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, h*w, h*w]
+    index = torch.full((h * w + 1, h * w + 1), n + 2)
+    index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1
+    index[0, 1:], index[1:, 0] = n, n + 1
+    return index
+
+
 class RelativePositionBias(nn.Module):
     """BEiT's relative position bias shared by all blocks: one learned value per head for each 2D
     offset between patches, plus three for cls->patch, patch->cls and cls->cls."""
     def __init__(self, grid, num_heads):
         super().__init__()
-        h, w = grid
-        n = (2 * h - 1) * (2 * w - 1)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(n + 3, num_heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # [2, h*w]
-        rel = coords[:, :, None] - coords[:, None, :]  # [2, h*w, h*w]
-        index = torch.full((h * w + 1, h * w + 1), n + 2)
-        index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1
-        index[0, 1:], index[1:, 0] = n, n + 1
-        self.register_buffer('relative_position_index', index, persistent=False)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_len(grid), num_heads))
+        self.register_buffer('relative_position_index', rel_pos_index(grid), persistent=False)
 
     def forward(self):  # -> [H, N, N]
         return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
@@ -226,10 +242,12 @@ class VisionTransformer(nn.Module):
             table = sincos_pos_embed(embed_dim, *self.patch_embed.grid, cls_token=class_token)
             self.pos_embed = nn.Parameter(table[None], requires_grad=False)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        self.rel_pos_bias = RelativePositionBias(self.patch_embed.grid, num_heads) if rel_pos_bias else None
+        # relative position bias (BEiT): True = one table shared by all blocks (pretraining), 'block' = one per block
+        self.rel_pos_bias = RelativePositionBias(self.patch_embed.grid, num_heads) if rel_pos_bias is True else None
+        block_grid = self.patch_embed.grid if rel_pos_bias == 'block' else None
         act_layer = {'gelu': nn.GELU, 'quick_gelu': QuickGELU}[act]
         dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows with depth (timm's linspace)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], act_layer(), norm_eps)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], act_layer(), norm_eps, block_grid)
                                      for i in range(depth)])
         # timm: global average pooling moves the final LayerNorm after the pooling, as `fc_norm`
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if global_pool != 'avg' else nn.Identity()
@@ -262,11 +280,9 @@ class VisionTransformer(nn.Module):
             cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
             x = torch.cat([cls.expand(x.shape[0], -1, -1), x], 1)  # [B, 1 + L', D]
         x = self.norm_pre(x)
-        bias = None
-        if self.rel_pos_bias is not None:
-            if ids_keep is not None:
-                raise ValueError("relative position bias needs the full token set, not ids_keep")
-            bias = self.rel_pos_bias().unsqueeze(0)  # [1, H, N, N]
+        if ids_keep is not None and self.encoder_kwargs['rel_pos_bias']:
+            raise ValueError("relative position bias needs the full token set, not ids_keep")
+        bias = None if self.rel_pos_bias is None else self.rel_pos_bias().unsqueeze(0)  # [1, H, N, N]
         outs = []
         for i, blk in enumerate(self.blocks, 1):
             x, attn = blk(x, bias, return_attn)
@@ -313,23 +329,35 @@ def unpatchify(x, p, grid):
 
 ENCODER_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.', 'blocks.', 'norm.', 'fc_norm.',
                     'head.', 'rel_pos_bias.')
-HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # timm sizes; otherwise 64 channels per head
+HEADS = {width: heads for width, _, heads in MODELS.values()}  # the head count of a state dict without architecture
+
+# What training checkpoints pickle besides tensors and containers, allowed under weights_only=True: their
+# args as an argparse.Namespace (MAE, DeiT, DINO, BEiT), and dict stand-ins registered under the names that
+# Lightning's last.ckpt (its callback states are keyed by the ModelCheckpoint class) and SimMIM's yacs
+# config pickle: those names resolve to empty dict subclasses, so no code of Lightning or yacs is imported or run.
+PICKLED = [argparse.Namespace] + [(type(name.rsplit('.', 1)[1], (dict,), {}), name) for name in (
+    'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint', 'pytorch_lightning.utilities.parsing.AttributeDict',
+    'yacs.config.CfgNode')]
 
 
 def read_checkpoint(path, what='checkpoint'):
-    """torch.load with weights_only=True (no unpickling of code), with one-line errors."""
+    """torch.load(weights_only=True) with the PICKLED allowlist: a file that would run code is refused.
+    One-line errors."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} file not found: {path}")
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(PICKLED):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a checkpoint that loads with torch.load(weights_only=True) "
-                         f"({type(e).__name__}); expected a file saved by torch.save holding a state dict")
+        why = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), type(e).__name__)
+        raise UsageError(f"{path} is not a {what} that torch.load(weights_only=True) reads ({why[:150]}); "
+                         "expected a file saved by torch.save holding a state dict (files that unpickle code are refused)")
 
 
 def encoder_state_dict(ckpt, path='checkpoint'):
-    """The state dict inside any common layout ('model', 'state_dict', DINO's 'teacher', or plain),
-    with the wrappers' prefixes (`module.`, `_orig_mod.`, DINO's `backbone.`) removed."""
+    """The ViT state dict inside any common layout ('model', 'state_dict', DINO's 'teacher', or plain),
+    under our names: wrapper prefixes removed (`module.`, `_orig_mod.`; DINO's `backbone.` and SimMIM's
+    `encoder.` with what lies outside them, DINO's projection head) and official BEiT names converted."""
     sd = ckpt
     for key in ('model', 'state_dict', 'teacher'):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -337,40 +365,75 @@ def encoder_state_dict(ckpt, path='checkpoint'):
             break
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise UsageError(f"{path} holds no state dict (looked at the top level and under 'model', 'state_dict', 'teacher')")
+    sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
+    for prefix in ('backbone.', 'encoder.'):
+        if prefix + 'patch_embed.proj.weight' in sd:
+            if any(k.startswith('head.') for k in sd):
+                print(f"{path}: not loading the projection head (head.*), only {prefix}*")
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return from_beit(sd, path)
+
+
+BEIT_NAMES = [('.gamma_1', '.ls1.gamma'), ('.gamma_2', '.ls2.gamma')]  # (BEiT's and timm Beit's, ours)
+
+
+def from_beit(sd, path):
+    """Official BEiT, BEiT v2 and SimMIM ViT names -> ours: layer scale gamma_1/gamma_2 -> ls1/ls2.gamma;
+    q_bias, v_bias -> one qkv bias with a zero k bias (BEiT has none); the stored relative position
+    indices are checked against ours and dropped. lm_head, cls_pt_layers, mask_token are left to the caller."""
     out = {}
     for k, v in sd.items():
-        for prefix in ('module.', '_orig_mod.', 'backbone.'):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        out[k] = v
+        if k.endswith('relative_position_index'):
+            g = math.isqrt(v.shape[0] - 1)
+            if not torch.equal(v, rel_pos_index((g, g))):
+                raise UsageError(f"{path}: {k} is not BEiT's relative position index for a {g}x{g} grid")
+            continue
+        for beit, ours in BEIT_NAMES:
+            k = k.replace(beit, ours)
+        if k.endswith('.attn.q_bias'):
+            k, v = k[:-6] + 'qkv.bias', torch.cat([v, torch.zeros_like(v), sd[k[:-6] + 'v_bias']])
+        if not k.endswith('.attn.v_bias'):
+            out[k] = v
     return out
 
 
-def infer_vit_kwargs(sd):
-    """ViT constructor arguments read off a timm-style state dict."""
+def infer_vit_kwargs(sd, num_heads=None, path='checkpoint'):
+    """ViT constructor arguments read off a timm-style state dict; the head count, which no shape
+    shows, from the width of a standard size (HEADS) or `num_heads`."""
     if 'patch_embed.proj.weight' not in sd:
-        raise UsageError("not a ViT checkpoint: no 'patch_embed.proj.weight' (expected timm ViT names)")
+        raise UsageError(f"{path} is not a ViT checkpoint: no 'patch_embed.proj.weight' (expected timm, BEiT or SimMIM ViT names)")
     D, _, p, _ = sd['patch_embed.proj.weight'].shape
+    if not (num_heads or D in HEADS):
+        raise UsageError(f"{path} holds a {D}-wide ViT without its architecture, and {D} is not the width of a standard "
+                         f"size ({', '.join(f'{w}: {h} heads' for w, h in HEADS.items())}): set --num-heads")
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
-    kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=HEADS.get(D, max(1, D // 64)),
+    shared, table = 'rel_pos_bias.relative_position_bias_table', 'blocks.0.attn.relative_position_bias_table'
+    kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=num_heads or HEADS[D],
               mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D, class_token='cls_token' in sd,
               global_pool='avg' if 'fc_norm.weight' in sd and 'norm.weight' not in sd else 'token',
               init_values=1.0 if 'blocks.0.ls1.gamma' in sd else None, pre_norm='norm_pre.weight' in sd,
-              patch_bias='patch_embed.proj.bias' in sd, rel_pos_bias='rel_pos_bias.relative_position_bias_table' in sd,
+              patch_bias='patch_embed.proj.bias' in sd, rel_pos_bias=True if shared in sd else 'block' if table in sd else False,
               pos_embed='learn' if 'pos_embed' in sd else 'none', img_size=224 // p * p)
     if 'pos_embed' in sd:
-        kw['img_size'] = int(math.sqrt(sd['pos_embed'].shape[1] - kw['class_token'])) * p
+        kw['img_size'] = math.isqrt(sd['pos_embed'].shape[1] - kw['class_token']) * p
+    elif kw['rel_pos_bias']:  # (2g - 1)^2 + 3 rows for a g x g grid
+        kw['img_size'] = (math.isqrt(sd[shared if shared in sd else table].shape[0] - 3) + 1) // 2 * p
     return kw
 
 
 def load_encoder(vit, sd, allow_missing=(), path='checkpoint'):
     """Fill `vit` from a timm-named state dict. Method parts (decoders, heads of other tasks) are
-    ignored; `pos_embed` is resampled to vit's grid; a classifier `head` is dropped when vit has none,
-    and `norm` when vit pools with `fc_norm`. Missing or mismatching encoder keys raise a UsageError
-    listing them, except missing keys starting with a prefix in `allow_missing`."""
+    ignored; `pos_embed` is resampled to vit's grid; a classifier `head` is dropped when vit has none
+    (with a printed line when vit's has another shape, as MAE's fine-tuning), and `norm` when vit
+    pools with `fc_norm`. Missing or mismatching encoder keys raise a UsageError listing them, except
+    missing keys starting with a prefix in `allow_missing`."""
     own = vit.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or (k.startswith(ENCODER_PREFIXES)
           and not (k.startswith('head.') and isinstance(vit.head, nn.Identity))
           and not (k.startswith('norm.') and isinstance(vit.norm, nn.Identity)))}
+    for k in ('head.weight', 'head.bias'):
+        if k in sd and k in own and sd[k].shape != own[k].shape:
+            print(f"{path}: not loading {k} {tuple(sd.pop(k).shape)} (this model's is {tuple(own[k].shape)})")
     if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
         prefix = sd['pos_embed'].shape[1] - vit.num_prefix - int(math.sqrt(sd['pos_embed'].shape[1] - vit.num_prefix)) ** 2
         if prefix == 0 and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
@@ -386,12 +449,16 @@ def load_encoder(vit, sd, allow_missing=(), path='checkpoint'):
 
 
 def build_encoder(path, **overrides):
-    """A ViT built and loaded from any checkpoint file: our scripts' (their 'encoder_kwargs'),
-    or timm/DeiT/DINO/MAE state dicts (architecture read off the keys). Returns (vit, ckpt)."""
+    """A ViT built and loaded from any checkpoint file: ours (their 'encoder_kwargs', also in exported
+    files), or timm / DeiT / DINO / MAE / BEiT / SimMIM files (architecture read off the keys; the head
+    count from `overrides['num_heads']` or the width). Returns (vit, ckpt)."""
     ckpt = read_checkpoint(path)
     sd = encoder_state_dict(ckpt, path)
-    kw = dict(ckpt['encoder_kwargs']) if isinstance(ckpt, dict) and 'encoder_kwargs' in ckpt else infer_vit_kwargs(sd)
-    kw.update(overrides)
+    if isinstance(ckpt, dict) and 'encoder_kwargs' in ckpt:
+        kw = dict(ckpt['encoder_kwargs'])
+    else:
+        kw = infer_vit_kwargs(sd, overrides.get('num_heads'), path)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
     vit = VisionTransformer(**kw)
     allow = ('fc_norm.', 'head.') if kw.get('global_pool') == 'avg' or kw.get('num_classes') else ()
     return load_encoder(vit, sd, allow_missing=allow, path=path), ckpt
@@ -412,11 +479,13 @@ def load_clip_visual(path):
     if not os.path.isfile(path):
         raise UsageError(f"CLIP file not found: {path} ({expected})")
     try:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
+        sd = read_checkpoint(path, 'CLIP state dict')
+    except UsageError:
         try:  # TorchScript archives hold code as well as weights: open them only through this loader
             print(f"loading {path} as a TorchScript archive (trusted files only)")
-            sd = torch.jit.load(path, map_location='cpu').state_dict()
+            with warnings.catch_warnings():  # torch's deprecation note would bury the one-line error
+                warnings.simplefilter('ignore', FutureWarning)
+                sd = torch.jit.load(path, map_location='cpu').state_dict()
         except Exception:
             raise UsageError(f"cannot read {path}: {expected}") from None
     sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd

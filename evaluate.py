@@ -30,8 +30,8 @@ frozen encoder in eval mode, at the checkpoint's resolution unless --img-size sa
       SimMIM's AvgDist (Fig. 3): mean distance in pixels from a masked pixel to the nearest visible
       one, for each method's mask generator at 224 px
   python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth
-      the encoder alone under timm's names: timm.create_model('vit_base_patch16_224', num_classes=0)
-      loads it with strict=True
+      the encoder under timm's names ('model', timm's Beit layout with a relative position bias) and its
+      architecture ('encoder_kwargs'); prints the timm line that builds the model loading it strictly
 
 On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` to any of them
 (`linear ... --cache-features --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3 --blr 10`:
@@ -75,6 +75,8 @@ def get_args(argv=None):
     enc.add_argument('--format', choices=['auto', 'timm', 'clip'], default='auto',
                      help='auto: a ViT state dict (ours/timm/DeiT/DINO/MAE), else OpenAI CLIP')
     enc.add_argument('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
+    enc.add_argument('--num-heads', type=int, default=None,
+                     help='attention heads, for a bare state dict whose width is not a standard size (default: from the width)')
     paths = argparse.ArgumentParser(add_help=False)
     paths.add_argument('--train', default=None, help='train class folders (default: DATA/train)')
     paths.add_argument('--val', default=None, help='val class folders (default: DATA/val)')
@@ -167,6 +169,7 @@ def load_model(args, **overrides):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
     if getattr(args, 'img_size', None):
         overrides['img_size'] = args.img_size  # pos_embed is resampled to it
+    overrides['num_heads'] = args.num_heads
     vit, error, mean_std = None, None, (common.IMAGENET_MEAN, common.IMAGENET_STD)
     if args.format != 'clip':
         try:
@@ -180,7 +183,7 @@ def load_model(args, **overrides):
             clip = common.load_clip_visual(args.ckpt)[0]
         except common.UsageError as e:
             raise (error or e) from None
-        vit = common.VisionTransformer(**dict(clip.encoder_kwargs, **overrides))
+        vit = common.VisionTransformer(**dict(clip.encoder_kwargs, **{k: v for k, v in overrides.items() if v is not None}))
         common.load_encoder(vit, clip.state_dict(), allow_missing=('fc_norm.', 'head.'), path=args.ckpt)
         mean_std = (common.CLIP_MEAN, common.CLIP_STD)
     if args.random_init:
@@ -721,19 +724,68 @@ def avgdist(args):
     table(None, ['method', 'mask', 'masked', f'AvgDist px ({args.num_masks} masks)'], rows)
 
 
+# timm.list_models() names of our sizes (common.MODELS), f"{size}_patch{p}_{img}", as (p, img) pairs
+TIMM_NAMES = {'vit_tiny': [(16, 224), (16, 384)], 'vit_huge': [(14, 224)],
+              **{s: [(8, 224), (16, 224), (16, 384), (32, 224), (32, 384)] for s in ('vit_small', 'vit_base')},
+              'vit_large': [(14, 224), (16, 224), (16, 384), (32, 224), (32, 384)],
+              'beit_base': [(16, 224), (16, 384)], 'beit_large': [(16, 224), (16, 384), (16, 512)]}
+
+
+def timm_model(kw):
+    """The timm construction of the encoder with encoder_kwargs kw, as Python text: timm's Beit for a
+    relative position bias, else its VisionTransformer; timm.create_model where timm has a model of
+    this size under that name, the class otherwise. None if timm has no such model."""
+    beit = bool(kw['rel_pos_bias'])
+    if not kw['patch_bias'] and not kw['pre_norm'] or beit and (kw['pre_norm'] or not kw['class_token'] or kw['act'] != 'gelu'):
+        return None
+    arch = {k: kw[k] for k in ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')}
+    rest = dict(num_classes=kw['num_classes'], global_pool=kw['global_pool'], init_values=kw['init_values'])
+    if beit:
+        rest.update(use_abs_pos_emb=kw['pos_embed'] != 'none', use_rel_pos_bias=kw['rel_pos_bias'] == 'block',
+                    use_shared_rel_pos_bias=kw['rel_pos_bias'] is True)
+    else:
+        rest.update(class_token=kw['class_token'], pos_embed='none' if kw['pos_embed'] == 'none' else 'learn',
+                    pre_norm=kw['pre_norm'], **({'act_layer': 'quick_gelu'} if kw['act'] == 'quick_gelu' else {}))
+    args = [f"{k}={v!r}" for k, v in rest.items()]
+    if kw['norm_eps'] != 1e-6:  # timm's default
+        args.append(f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={kw['norm_eps']!r})")
+    size = next((n for n, v in common.MODELS.items() if v == (kw['embed_dim'], kw['depth'], kw['num_heads'])), '')
+    size = size.replace('vit_', 'beit_') if beit else size
+    if (kw['patch_size'], kw['img_size']) in TIMM_NAMES.get(size, []) and kw['mlp_ratio'] == 4:
+        return f"timm.create_model('{size}_patch{kw['patch_size']}_{kw['img_size']}', {', '.join(args)})"
+    cls = 'timm.models.beit.Beit' if beit else 'timm.models.vision_transformer.VisionTransformer'
+    return f"{cls}({', '.join([f'{k}={v!r}' for k, v in arch.items()] + args)})"
+
+
+def to_beit(sd):
+    """Our names -> timm Beit's: ls1/ls2.gamma -> gamma_1/gamma_2, the qkv bias -> q_bias, v_bias. The
+    k bias is dropped: it adds q.b_k to every score of a query alike, which the softmax cancels."""
+    out = {}
+    for k, v in sd.items():
+        for beit, ours in common.BEIT_NAMES:
+            k = k.replace(ours, beit)
+        if k.endswith('.attn.qkv.bias'):
+            q, _, v_ = v.chunk(3)
+            out[k[:-8] + 'q_bias'], out[k[:-8] + 'v_bias'] = q, v_
+        else:
+            out[k] = v
+    return out
+
+
 def export(args):
     vit = load_model(args)
-    sd = {k: v.contiguous() for k, v in vit.state_dict().items()}  # timm names only: method parts were dropped
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    common.save_checkpoint(sd, args.out)
     kw = vit.encoder_kwargs
-    print(f"wrote {args.out}: {len(sd)} tensors. Rebuild: common.VisionTransformer(**{kw})")
-    sizes = {(192, 12): 'tiny', (384, 12): 'small', (768, 12): 'base', (1024, 24): 'large', (1280, 32): 'huge'}
-    name = sizes.get((kw['embed_dim'], kw['depth']))
-    if name and kw['act'] == 'gelu' and not (kw['pre_norm'] or kw['rel_pos_bias']) and kw['pos_embed'] != 'none' and kw['class_token']:
-        pool = ", global_pool='avg'" if kw['global_pool'] == 'avg' else ''
-        print(f"timm: timm.create_model('vit_{name}_patch{kw['patch_size']}_{kw['img_size']}', "
-              f"num_classes={kw['num_classes']}{pool}{', init_values=1.0' if kw['init_values'] else ''})")
+    sd = {k: v.contiguous() for k, v in vit.state_dict().items()}  # encoder only: method parts were dropped
+    sd = to_beit(sd) if kw['rel_pos_bias'] else sd
+    build = timm_model(kw)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    common.save_checkpoint({'model': sd, 'encoder_kwargs': kw, 'timm': build}, args.out)
+    print(f"wrote {args.out}: {len(sd)} tensors under 'model' in timm's {'Beit' if kw['rel_pos_bias'] else 'ViT'} layout, "
+          f"and 'encoder_kwargs'. Here: common.VisionTransformer(**{kw})")
+    if build:
+        print(f"timm: model = {build}\n      model.load_state_dict(torch.load({args.out!r})['model'])")
+    else:
+        print("timm: no timm model has this architecture")
 
 
 # ----------------------------------------------------------------------------------------------
