@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import numpy as np
@@ -332,12 +333,13 @@ ENCODER_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.', 'bloc
 HEADS = {width: heads for width, _, heads in MODELS.values()}  # the head count of a state dict without architecture
 
 # What training checkpoints pickle besides tensors and containers, allowed under weights_only=True: their
-# args as an argparse.Namespace (MAE, DeiT, DINO, BEiT), and dict stand-ins registered under the names that
-# Lightning's last.ckpt (its callback states are keyed by the ModelCheckpoint class) and SimMIM's yacs
-# config pickle: those names resolve to empty dict subclasses, so no code of Lightning or yacs is imported or run.
-PICKLED = [argparse.Namespace] + [(type(name.rsplit('.', 1)[1], (dict,), {}), name) for name in (
-    'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint', 'pytorch_lightning.utilities.parsing.AttributeDict',
-    'yacs.config.CfgNode')]
+# args as an argparse.Namespace (MAE, DeiT, DINO, BEiT), and stand-ins registered under the names that
+# Lightning's last.ckpt (its callback states are keyed by the ModelCheckpoint class, hyper-parameters an
+# AttributeDict) and SimMIM's yacs config pickle. A stand-in's instances are OrderedDicts, the container
+# torch's unpickler fills and gives attributes: no code of Lightning or yacs is imported or run.
+PICKLED = [argparse.Namespace] + [(type(name.rsplit('.', 1)[1], (), {'__new__': lambda cls, *a: OrderedDict()}), name)
+                                  for name in ('pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint',
+                                               'pytorch_lightning.utilities.parsing.AttributeDict', 'yacs.config.CfgNode')]
 
 
 def read_checkpoint(path, what='checkpoint'):
@@ -350,7 +352,7 @@ def read_checkpoint(path, what='checkpoint'):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         why = next((line.strip() for line in str(e).splitlines() if 'GLOBAL' in line), type(e).__name__)
-        raise UsageError(f"{path} is not a {what} that torch.load(weights_only=True) reads ({why[:150]}); "
+        raise UsageError(f"cannot read {path}: not a {what} that torch.load(weights_only=True) reads ({why[:150]}); "
                          "expected a file saved by torch.save holding a state dict (files that unpickle code are refused)")
 
 
@@ -391,7 +393,7 @@ def from_beit(sd, path):
         for beit, ours in BEIT_NAMES:
             k = k.replace(beit, ours)
         if k.endswith('.attn.q_bias'):
-            k, v = k[:-6] + 'qkv.bias', torch.cat([v, torch.zeros_like(v), sd[k[:-6] + 'v_bias']])
+            k, v = k[:-6] + 'qkv.bias', torch.cat([v, torch.zeros_like(v), sd.get(k[:-6] + 'v_bias', torch.zeros_like(v))])
         if not k.endswith('.attn.v_bias'):
             out[k] = v
     return out
@@ -405,7 +407,8 @@ def infer_vit_kwargs(sd, num_heads=None, path='checkpoint'):
     D, _, p, _ = sd['patch_embed.proj.weight'].shape
     if not (num_heads or D in HEADS):
         raise UsageError(f"{path} holds a {D}-wide ViT without its architecture, and {D} is not the width of a standard "
-                         f"size ({', '.join(f'{w}: {h} heads' for w, h in HEADS.items())}): set --num-heads")
+                         f"size ({', '.join(f'{w}: {h} heads' for w, h in HEADS.items())}): set --num-heads N, or pass the file "
+                         f"`python evaluate.py export --ckpt {path} --num-heads N --out FILE` writes")
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     shared, table = 'rel_pos_bias.relative_position_bias_table', 'blocks.0.attn.relative_position_bias_table'
     kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=num_heads or HEADS[D],

@@ -17,7 +17,6 @@ Expected: ViT-B/14, ImageNet-1k, 300 epochs: 81.72% val top-1 against 79.71% for
 classifier's top-1 on DIR/val (or the synthetic val split): `val top-1 XX.XX%`.
 """
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -331,17 +330,10 @@ def load_vqgan(path):
     if not os.path.isfile(path):
         raise common.UsageError(f"VQGAN checkpoint not found: {path} (download vqgan_imagenet_f16_1024 "
                                 "last.ckpt, linked from the taming-transformers README)")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # Lightning's last.ckpt pickles objects besides the tensors
-        if int(os.environ.get('RANK', 0)) == 0:
-            print(f"loading {path} with weights_only=False (a Lightning checkpoint; trusted files only)")
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:
-            raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
-    except Exception as e:
-        raise common.UsageError(f"cannot read {path} ({type(e).__name__}): {VQGAN_HINT}") from None
+    try:  # Lightning's last.ckpt loads with common.PICKLED's stand-ins: no Lightning needed, no code unpickled
+        ckpt = common.read_checkpoint(path, 'VQGAN checkpoint')
+    except common.UsageError as e:
+        raise common.UsageError(f"{e}: {VQGAN_HINT}") from None
     sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
     sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'quant_conv.', 'quantize.'))}  # no decoder, loss
     try:

@@ -50,11 +50,12 @@ def method_setup(name, model, img_size, patch_size, batch, tmp, transform_only=F
 
 
 def random_vit_file(path, **kw):
-    """A randomly initialized timm-format ViT checkpoint (a stand-in teacher)."""
+    """A randomly initialized ViT checkpoint in our format, its architecture included (a stand-in teacher)."""
     import torch
 
     import common
-    torch.save(common.VisionTransformer(**kw).state_dict(), path)
+    vit = common.VisionTransformer(**kw)
+    torch.save({'model': vit.state_dict(), 'encoder_kwargs': vit.encoder_kwargs}, path)
     return path
 
 
