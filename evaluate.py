@@ -1,5 +1,5 @@
 """Evaluation protocols and analyses for ViT encoders: checkpoints of the five nanoMIM scripts, and
-timm / DeiT / DINO / MAE / OpenAI CLIP files.
+timm / DeiT / DINO / MAE / BEiT / SimMIM / OpenAI CLIP files.
 
 Every subcommand reads --ckpt (`--format clip` for OpenAI CLIP; `--random-init` keeps the
 checkpoint's architecture with fresh weights, the baseline to beat) and images from --data DIR
@@ -71,9 +71,9 @@ def get_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     enc = argparse.ArgumentParser(add_help=False)
-    enc.add_argument('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE or OpenAI CLIP')
+    enc.add_argument('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE, BEiT, SimMIM or OpenAI CLIP')
     enc.add_argument('--format', choices=['auto', 'timm', 'clip'], default='auto',
-                     help='auto: a ViT state dict (ours/timm/DeiT/DINO/MAE), else OpenAI CLIP')
+                     help='auto: a ViT checkpoint (ours/timm/DeiT/DINO/MAE/BEiT/SimMIM), else OpenAI CLIP')
     enc.add_argument('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
     enc.add_argument('--num-heads', type=int, default=None,
                      help='attention heads, for a bare state dict whose width is not a standard size (default: from the width)')

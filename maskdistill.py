@@ -108,7 +108,7 @@ class Teacher(nn.Module):
 def load_teacher(args, grid):
     """The teacher named by --teacher / --teacher-type, at the resolution giving the student's grid."""
     formats = ("--teacher-type clip reads OpenAI CLIP's ViT-B-16.pt (TorchScript) or its state dict; "
-               "--teacher-type timm reads timm-format ViT checkpoints (DINO, DeiT, MAE, ours)")
+               "--teacher-type timm reads ViT checkpoints (timm, DINO, DeiT, MAE, BEiT, SimMIM, ours)")
     path = args.teacher
     if not os.path.isfile(path):
         raise common.UsageError(f"teacher file not found: {path} ({formats})")
