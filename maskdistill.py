@@ -124,7 +124,7 @@ def load_teacher(args, grid):
     if args.teacher_proj and proj is None:
         raise common.UsageError("--teacher-proj needs a CLIP teacher (--teacher-type clip): timm ViTs have no projection")
     if vit.patch_embed.grid != grid:
-        if vit.rel_pos_bias is not None:
+        if vit.encoder_kwargs['rel_pos_bias']:
             raise common.UsageError(f"teacher {path} has a relative position bias for a {vit.patch_embed.grid[0]}x"
                                     f"{vit.patch_embed.grid[1]} token grid, the student a {grid[0]}x{grid[1]} one: "
                                     "choose --img-size / --patch-size giving the teacher's grid")

@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -421,13 +422,14 @@ HF_BLOCK = [('norm1', 'layernorm_before'), ('attn.proj', 'attention.o_proj'), ('
             ('mlp.fc1', 'mlp.fc1'), ('mlp.fc2', 'mlp.fc2')]
 
 
-def to_hf_mae(sd, depth, dec_depth):
-    """Our (official MAE) names -> transformers' (5.x) ViTMAE names; qkv split into q, k, v projections."""
-    out = {'vit.embeddings.cls_token': sd['cls_token'], 'vit.embeddings.position_embeddings': sd['pos_embed'],
-           'decoder.mask_token': sd['mask_token'], 'decoder.decoder_pos_embed': sd['decoder_pos_embed']}
-    names = [('patch_embed.proj', 'vit.embeddings.patch_embeddings.projection'), ('norm', 'vit.layernorm'),
-             ('decoder_embed', 'decoder.decoder_embed'), ('decoder_norm', 'decoder.decoder_norm'),
-             ('decoder_pred', 'decoder.decoder_pred')]
+def to_hf(sd, depth, dec_depth=0):
+    """Our (official MAE) names -> transformers' (5.x) ViTMAE / ViT names; qkv split into q, k, v projections."""
+    out = {'vit.embeddings.cls_token': sd['cls_token'], 'vit.embeddings.position_embeddings': sd['pos_embed']}
+    names = [('patch_embed.proj', 'vit.embeddings.patch_embeddings.projection'), ('norm', 'vit.layernorm')]
+    if dec_depth:
+        out.update({'decoder.mask_token': sd['mask_token'], 'decoder.decoder_pos_embed': sd['decoder_pos_embed']})
+        names += [('decoder_embed', 'decoder.decoder_embed'), ('decoder_norm', 'decoder.decoder_norm'),
+                  ('decoder_pred', 'decoder.decoder_pred')]
     for ours, hf, n in [('blocks', 'vit.layers', depth), ('decoder_blocks', 'decoder.decoder_layers', dec_depth)]:
         names += [(f'{ours}.{i}.{a}', f'{hf}.{i}.{b}') for i in range(n) for a, b in HF_BLOCK]
         for i in range(n):
@@ -450,7 +452,7 @@ def test_mae_loss_matches_transformers():
                                     decoder_num_attention_heads=2, decoder_intermediate_size=128, mask_ratio=0.75,
                                     norm_pix_loss=True, layer_norm_eps=1e-6, hidden_act='gelu', qkv_bias=True)
     hf = transformers.ViTMAEForPreTraining(cfg).eval()
-    hf.load_state_dict(to_hf_mae(ours.state_dict(), 4, 2))
+    hf.load_state_dict(to_hf(ours.state_dict(), 4, 2))
     noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ids_keep, mask, ids_restore = common.random_masking(noise, 0.75)
@@ -459,4 +461,26 @@ def test_mae_loss_matches_transformers():
         out = hf(pixel_values=X, noise=noise)
     torch.testing.assert_close(out.mask, mask)
     torch.testing.assert_close(out.logits, pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, loss, atol=1e-6, rtol=1e-5)
+
+
+def test_simmim_loss_matches_transformers():
+    """The paper's plain-ViT SimMIM against ViTForMaskedImageModeling (SimMIM's 1x1 conv + PixelShuffle head:
+    our linear head's rows reordered from (p, q, c) to (c, p, q))."""
+    transformers = pytest.importorskip('transformers')
+    args = simmim.get_args(['--data', 'synthetic', '--model', 'vit_pico', '--img-size', '32', '--patch-size', '8',
+                            '--mask-patch-size', '16'])
+    args.rel_pos_bias, args.layer_scale = False, None  # the paper's plain ViT, as transformers' ViT
+    ours = randomize(simmim.SimMIM(args))
+    cfg = transformers.ViTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384,
+                                 image_size=32, patch_size=8, encoder_stride=8, layer_norm_eps=1e-6, hidden_act='gelu')
+    hf = transformers.ViTForMaskedImageModeling(cfg).eval()
+    sd = ours.state_dict()
+    w = sd['head_pred.weight'].reshape(8, 8, 3, 96).permute(2, 0, 1, 3).reshape(192, 96, 1, 1)
+    b = sd['head_pred.bias'].reshape(8, 8, 3).permute(2, 0, 1).reshape(192)
+    hf.load_state_dict({**to_hf(sd, 4), 'vit.embeddings.mask_token': sd['mask_token'], 'decoder.0.weight': w, 'decoder.0.bias': b})
+    mask = torch.from_numpy(common.simmim_mask(np.random.default_rng(0), 32, 16, 8, 0.6)).flatten()[None].repeat(2, 1)
+    with torch.no_grad():
+        loss, _ = ours({'img': X, 'mask': mask})
+        out = hf(pixel_values=X, bool_masked_pos=mask.bool())
     torch.testing.assert_close(out.loss, loss, atol=1e-6, rtol=1e-5)
