@@ -169,7 +169,7 @@ def load_model(args, **overrides):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
     if getattr(args, 'img_size', None):
         overrides['img_size'] = args.img_size  # pos_embed is resampled to it
-    overrides['num_heads'] = args.num_heads
+    overrides['num_heads'] = getattr(args, 'num_heads', None)  # needed for a bare state dict of a non-standard width
     vit, error, mean_std = None, None, (common.IMAGENET_MEAN, common.IMAGENET_STD)
     if args.format != 'clip':
         try:

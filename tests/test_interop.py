@@ -1,8 +1,9 @@
-"""Checkpoints in and out, against the real peer libraries (tests/requirements-test.txt): exports load
-strictly into timm's VisionTransformer / Beit with the same features; MAE, DeiT, DINO, BEiT and SimMIM
-files written as those repositories write them load wherever a checkpoint is read; a pickle that would
-run code is refused everywhere; CLIP against OpenAI's `clip`, the VQGAN tokenizer against taming's
-modules, the MAE loss against transformers' ViTMAEForPreTraining. Skipped without the libraries."""
+"""Checkpoints in and out, against the real peer libraries (requirements-test.txt): exports load strictly
+into timm's VisionTransformer / Beit with the same features; MAE, DeiT, DINO, BEiT and SimMIM files written
+as those repositories write them load wherever a checkpoint is read; a pickle that would run code is
+refused everywhere; CLIP against OpenAI's `clip`, the VQGAN tokenizer against taming's modules, the MAE and
+SimMIM losses against transformers' ViTMAEForPreTraining / ViTForMaskedImageModeling. Each test skips
+without its library."""
 import argparse
 import functools  # noqa: F401 (the printed timm lines may use it)
 import pickle
@@ -57,7 +58,7 @@ def timm_name(line):
 # Export -> timm
 
 
-@pytest.mark.parametrize('size', [s for s in common.MODELS])
+@pytest.mark.parametrize('size', list(common.MODELS))
 @pytest.mark.parametrize('layout', ['vit', 'beit'])
 def test_every_size_exports_to_timm(size, layout, tmp_path, capsys):
     """At full size on the meta device: the printed construction has exactly our keys and shapes (and a
