@@ -29,7 +29,7 @@ def get_args(argv=None):
     # Defaults: the released config that produced 83.8% (Tab. 6), configs/vit_base__800ep/
     # simmim_pretrain__vit_base__img224__800ep.yaml on config.py's defaults ("released config" below).
     # The paper's schedule (Sec. 4.1.1, 4.2: 8e-4 at 2048, cosine, 20 warmup epochs) is
-    # --schedule cosine --blr 1e-4 --warmup-epochs 20 --warmup-lr 0.
+    # --schedule cosine --blr 1e-4 --warmup-epochs 20 (min and warmup lr: the released config.py's).
     parser = common.get_parser(__doc__)
     parser.add_argument('--mask-ratio', type=float, default=0.6, help='Tab. 1: 0.6 with 32 px units')
     parser.add_argument('--mask-patch-size', type=int, default=32, help='Sec. 3.2, Tab. 1: 32x32 mask units')
