@@ -213,6 +213,11 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def beit_trunc_normal_(t, std=.02):
+    """N(0, std) truncated at +-std, BEiT's and SimMIM's pretraining init (actual std ~0.54 std)."""
+    return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+
+
 class VisionTransformer(nn.Module):
     """timm's ViT (same parameter names and shapes), with the entry points the five methods need.
 
@@ -256,17 +261,35 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         self.init_weights()
 
-    def init_weights(self):
-        """MAE's init: xavier-uniform linears (patch conv seen as a linear), cls token N(0, .02)."""
+    def init_weights(self, scheme='mae'):
+        """'mae': MAE's init, xavier-uniform linears (patch conv seen as a linear), cls token N(0, .02).
+        'beit': BEiT's, as SimMIM's and BEiT v2's pretraining code: linears, patch conv, cls token and
+        learned pos_embed N(0, .02) truncated at +-.02 (their trunc_normal_ passes a=-std, b=std),
+        biases 0, then fix_init_weight: block i's (1-indexed) attn.proj and mlp.fc2 weights / sqrt(2i).
+        LayerNorms stay (1, 0), layer scales at init_values, the relative position bias table at 0."""
+        if scheme not in ('mae', 'beit'):
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        init = nn.init.xavier_uniform_ if scheme == 'mae' else beit_trunc_normal_
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                init(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=.02)
+        init(w.view(w.shape[0], -1))
+        if scheme == 'mae':
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=.02)
+            return
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        for p in (self.cls_token, self.pos_embed):
+            if p is not None and p.requires_grad:  # a fixed sin-cos table stays
+                beit_trunc_normal_(p)
+        with torch.no_grad():
+            for i, blk in enumerate(self.blocks, 1):  # BEiT's fix_init_weight
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
 
     def forward_features(self, x, ids_keep=None, mask=None, mask_token=None, taps=(), return_attn=False):
         x = self.patch_embed(x)  # [B, L, D]
@@ -540,38 +563,42 @@ def simmim_mask(rng, input_size=224, mask_patch_size=32, model_patch_size=16, ma
 
 
 def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True):
-    """BEiT's block-wise masking: add rectangles of >= min_patches cells with log-uniform aspect in
-    [min_aspect, 1/min_aspect] until num_masked cells are masked or a round adds nothing; with
-    `exact` (BEiT v2) then mask or unmask random cells to reach num_masked. [h, w] float32, 1 = masked."""
+    """BEiT's MaskingGenerator (beit2/masking_generator.py) drawing from the numpy Generator `rng`:
+    rounds of up to 10 attempts to add a rectangle, until num_masked cells are masked or a round adds
+    nothing; with `exact` (BEiT v2) random cells are then masked to reach num_masked exactly.
+    Returns [h, w] float32, 1 = masked."""
     h, w = grid
     mask = np.zeros(grid, np.float32)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     count = 0
     while count < num_masked:
         room, added = num_masked - count, 0
-        for _ in range(10):  # BEiT tries up to 10 rectangles per round
-            # BEiT draws U(16, room) even when room < 16 (Python's uniform swaps the bounds) and so may
-            # place rectangles under 16 cells at the end; here every rectangle has >= min_patches
-            # cells, and the exact-count step below fills what is left
-            area = rng.uniform(min_patches, max(min_patches, room))
+        for _ in range(10):
+            # Python's random.uniform(16, room): 16 + (room - 16) * U, so when room < 16 the area lies
+            # in [room, 16] and a rectangle may have fewer than min_patches cells (BEiT does not clamp)
+            area = min_patches + (room - min_patches) * rng.random()
             aspect = math.exp(rng.uniform(*log_aspect))
             rh, rw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if rw < w and rh < h and rh * rw >= min_patches:
-                top, left = rng.integers(0, h - rh + 1), rng.integers(0, w - rw + 1)
+            if rw < w and rh < h:
+                top, left = rng.integers(0, h - rh + 1), rng.integers(0, w - rw + 1)  # randint(0, h - rh)
                 new = rh * rw - int(mask[top:top + rh, left:left + rw].sum())
-                if 0 < new <= room:
+                if 0 < new <= room:  # cells it adds: at least one, never past the count
                     mask[top:top + rh, left:left + rw] = 1
                     added = new
                     break
         if added == 0:
             break
         count += added
-    if exact and count != num_masked:  # BEiT v2: force the exact count with random cells
+    if exact and count < num_masked:  # BEiT v2: mask random visible cells up to the exact count
         flat = mask.reshape(-1)
-        grow = count < num_masked
-        pool = np.flatnonzero(flat == (0.0 if grow else 1.0))  # visible cells to mask, or the reverse
-        flat[rng.choice(pool, abs(num_masked - count), replace=False)] = float(grow)
+        flat[rng.choice(np.flatnonzero(flat == 0), num_masked - count, replace=False)] = 1
     return mask
+
+
+def beit_num_masked(grid):
+    """BEiT's --num_mask_patches 75 for its 14 x 14 grid (about 40%; int(0.4 * 196) would be 78),
+    in the same proportion for other grids."""
+    return round(75 * grid[0] * grid[1] / 196)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1007,18 +1034,23 @@ def setup(args):
 # Optimization: parameter groups, schedule, checkpoints, and the training loop
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on 1-D parameters (norms, layer scales) and biases (MAE)."""
+    """AdamW groups: no weight decay on 1-D parameters (norms, layer scales) and biases (MAE's timm
+    add_weight_decay), nor on the names in the model's `no_weight_decay` (BEiT / SimMIM's skip list)."""
+    skip = set(getattr(model, 'no_weight_decay', ()))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith('.bias') else decay).append(p)
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') or name in skip else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def get_lr(step, total_steps, warmup_steps, lr, min_lr):
-    """Linear warmup from 0, then half-cycle cosine to min_lr, per step (MAE's schedule)."""
+def get_lr(step, total_steps, warmup_steps, lr, min_lr, warmup_lr=0.0, milestones=(), steps_per_epoch=1, gamma=0.1):
+    """Per step: linear warmup from warmup_lr to lr, then half-cycle cosine to min_lr (MAE), or, given
+    milestones (epochs), lr * gamma ** (milestones passed) with min_lr unused (SimMIM's multistep)."""
     if step < warmup_steps:
-        return lr * step / warmup_steps
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    if milestones:
+        return lr * gamma ** sum(step >= m * steps_per_epoch for m in milestones)
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
@@ -1163,7 +1195,7 @@ def train(args, model, dataset):
             loader.sampler.set_epoch(epoch, skip=done * args.accum_iter * args.batch_size)
             batches = iter(loader)
             for _ in range(steps_per_epoch - done):
-                lr = get_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
+                lr = get_lr(step, total_steps, warmup_steps, args.lr, args.min_lr, getattr(args, 'warmup_lr', 0.0), getattr(args, 'milestones', ()), steps_per_epoch)
                 for group in optimizer.param_groups:
                     group['lr'] = lr * group.get('lr_scale', 1.0)
                 torch.manual_seed(hash((args.seed, rank, step)) % 2 ** 62)  # per-step seed: resuming reproduces the run

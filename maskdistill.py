@@ -47,7 +47,9 @@ def get_args(argv=None):
                              "paper: the last layer's output (Tab. 10); BEiT v2's CLIP targets use ln_post and proj")
     parser.add_argument('--teacher-proj', action=argparse.BooleanOptionalAction, default=False,
                         help="project CLIP's tokens with its image projection `proj` (768 -> 512 for B/16)")
-    parser.add_argument('--mask-ratio', type=float, default=0.4, help='Sec. 3, Sec. 4.7: block-wise, 40 percent')
+    parser.add_argument('--mask-ratio', type=float, default=None,
+                        help="default: BEiT v2's 75 of 196 patches, scaled for other grids (Sec. 3: 'roughly 40%%', "
+                             "block-wise as BEiT); a ratio masks int(ratio * L) (0.4: 78 of 196)")
     parser.add_argument('--loss-on', choices=['masked', 'all'], default='masked',
                         help='Eq. 3: masked patches; all with --mask-ratio 0 is knowledge distillation (Tab. 5)')
     parser.add_argument('--beta', type=float, default=1.0,
@@ -140,6 +142,7 @@ class MaskDistill(common.VisionTransformer):
     timm's; the method's own parts are `mask_token`, `head_distill` and the frozen `teacher`, which
     checkpoints leave out (its path is in args)."""
     frozen_prefixes = ('teacher.',)
+    no_weight_decay = ('cls_token', 'pos_embed')  # besides 1-D and biases: BEiT v2's skip list
 
     def __init__(self, args):
         width, depth, heads = common.model_size(args.model)
@@ -149,17 +152,17 @@ class MaskDistill(common.VisionTransformer):
         super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
                          num_heads=heads, drop_path_rate=args.drop_path, init_values=args.layer_scale,
                          rel_pos_bias=args.rel_pos_bias, pos_embed='none' if args.rel_pos_bias else 'learn')
-        if not 0 <= args.mask_ratio <= 1:
+        if args.mask_ratio is not None and not 0 <= args.mask_ratio <= 1:
             raise common.UsageError(f"--mask-ratio must be in [0, 1] (got {args.mask_ratio})")
-        if args.mask_ratio * self.num_patches < 1 and args.loss_on == 'masked':
+        if num_masked(args, self.patch_embed.grid) < 1 and args.loss_on == 'masked':
             raise common.UsageError(f"--mask-ratio {args.mask_ratio} masks no patch, so the masked loss has nothing to "
                                     "average: use --loss-on all for knowledge distillation (Tab. 5), or a larger ratio")
         self.loss_on, self.beta = args.loss_on, args.beta
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.trunc_normal_(self.mask_token, std=.02)  # BEiT's init
+        self.init_weights('beit')  # Sec. 4.1 follows BEiT v2, whose pretraining code inits so
+        self.mask_token = nn.Parameter(common.beit_trunc_normal_(torch.empty(1, 1, width)))
         self.teacher = load_teacher(args, self.patch_embed.grid)
-        self.head_distill = nn.Linear(width, self.teacher.out_dim)  # the FC MIM head (Tab. 1)
-        nn.init.trunc_normal_(self.head_distill.weight, std=.02)
+        self.head_distill = nn.Linear(width, self.teacher.out_dim)  # the FC MIM head (Tab. 1), BEiT v2's lm_head init
+        common.beit_trunc_normal_(self.head_distill.weight)
         nn.init.zeros_(self.head_distill.bias)
 
     def forward(self, batch):
@@ -192,16 +195,21 @@ def forward_loss(pred, target, mask, beta=1.0):
 # Main
 
 
+def num_masked(args, grid):
+    """Patches masked per image: BEiT v2's 75 of 196 (scaled to the grid), or int(ratio * L)."""
+    return common.beit_num_masked(grid) if args.mask_ratio is None else int(args.mask_ratio * grid[0] * grid[1])
+
+
 def train_transform(args):
     """RandomResizedCrop + flip + colour jitter 0.4 (Tab. 11; BEiT jitters before the crop, we after
-    it, on fewer pixels), and a block-wise mask of int(ratio * L) patches per image (78 of 196)."""
+    it, on fewer pixels), and BEiT's block-wise mask (75 of 196 patches) per image."""
     grid = (args.img_size // args.patch_size,) * 2
-    num_masked = int(args.mask_ratio * grid[0] * grid[1])  # BEiT's code: 75 (38%) of 196
+    count = num_masked(args, grid)
 
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
         img = common.color_jitter(rng, img, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
-        mask = common.block_mask(rng, grid, num_masked)  # [h, w], 1 = masked
+        mask = common.block_mask(rng, grid, count)  # [h, w], 1 = masked
         return {'img': common.to_tensor(img), 'mask': torch.from_numpy(mask)}
     return transform
 

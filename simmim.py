@@ -12,6 +12,8 @@ Expected: ViT-B/16 800 epochs -> 83.8% ImageNet top-1 after fine-tuning (Tab. 6)
 probe on an intermediate layer. The CPU run ends with a checkpoint whose k-NN accuracy on the
 synthetic data beats a random encoder's (`python evaluate.py knn --ckpt out/quick/checkpoint.pth --data synthetic`).
 """
+import argparse
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,23 +26,37 @@ import common
 
 
 def get_args(argv=None):
+    # Defaults: the released config that produced 83.8% (Tab. 6), configs/vit_base__800ep/
+    # simmim_pretrain__vit_base__img224__800ep.yaml on config.py's defaults ("released config" below).
+    # The paper's schedule (Sec. 4.1.1, 4.2: 8e-4 at 2048, cosine, 20 warmup epochs) is
+    # --schedule cosine --blr 1e-4 --warmup-epochs 20 (min and warmup lr: the released config.py's).
     parser = common.get_parser(__doc__)
     parser.add_argument('--mask-ratio', type=float, default=0.6, help='Tab. 1: 0.6 with 32 px units')
     parser.add_argument('--mask-patch-size', type=int, default=32, help='Sec. 3.2, Tab. 1: 32x32 mask units')
-    parser.add_argument('--crop-scale', type=float, nargs=2, default=(0.67, 1.0), help='RandomResizedCrop scale (official code)')
+    parser.add_argument('--crop-scale', type=float, nargs=2, default=(0.67, 1.0), help='RandomResizedCrop scale (released code)')
     parser.add_argument('--loss-on', choices=['masked', 'all'], default='masked', help='Tab. 4: masked 82.8 vs all 81.7')
-    parser.add_argument('--layer-scale', type=float, default=None, help='paper: plain ViT; official config: 0.1')
-    parser.add_argument('--rel-pos-bias', action='store_true', help='official config: shared relative position bias')
+    parser.add_argument('--layer-scale', type=float, default=0.1, help='released config: INIT_VALUES 0.1 (paper: plain ViT)')
+    parser.add_argument('--rel-pos-bias', action=argparse.BooleanOptionalAction, default=True,
+                        help='released config: one shared relative position bias, no absolute position embedding '
+                             '(USE_SHARED_RPB, USE_APE False); --no-rel-pos-bias: learned absolute embedding')
+    parser.add_argument('--schedule', choices=['multistep', 'cosine'], default='multistep',
+                        help='released config: lr x0.1 at each of --milestones; paper Sec. 4.1.1: cosine to --min-lr')
+    parser.add_argument('--milestones', type=int, nargs='*', default=(700,), help='released config: MULTISTEPS [700] (epochs)')
+    parser.add_argument('--warmup-lr', type=float, default=2e-6, help='released config: WARMUP_LR 5e-7 per 512 images, at 2048')
     parser.set_defaults(
-        model='vit_base', img_size=224,  # Sec. 4.2: ViT-B at 224 for the system-level comparison
+        model='vit_base', img_size=224,  # Sec. 4.2: ViT-B at 224
         batch_size=256,                  # x 8 GPUs = 2048 (Sec. 4.1.1)
-        blr=1e-4,                        # lr 8e-4 at batch 2048 (Sec. 4.1.1) = 1e-4 per 256; official: 1e-4 per 512
-        epochs=800, warmup_epochs=20,    # Sec. 4.2 (ablations: 100 epochs, 10 warmup)
-        weight_decay=0.05, betas=(0.9, 0.999),  # Sec. 4.1.1
-        min_lr=0.0,                      # paper silent; official config: multistep schedule
-        clip_grad=None,                  # paper silent; official config: 5.0
+        blr=5e-5,                        # released config: BASE_LR 1e-4 per 512 = 4e-4 at 2048; paper: 8e-4 (--blr 1e-4)
+        epochs=800, warmup_epochs=10,    # released config (paper Sec. 4.2: 20 warmup epochs)
+        weight_decay=0.05, betas=(0.9, 0.999),  # Sec. 4.1.1 and released config
+        min_lr=2e-5,                     # released config: MIN_LR 5e-6 per 512 (only the cosine schedule uses it)
+        clip_grad=5.0,                   # released config: CLIP_GRAD 5.0 (paper silent)
+        drop_path=0.1,                   # released config: DROP_PATH_RATE 0.1 (paper silent)
         output_dir='out/simmim')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.schedule == 'cosine':
+        args.milestones = ()
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,16 +67,18 @@ class SimMIM(common.VisionTransformer):
     """A ViT whose masked patch embeddings are replaced by `mask_token`, with a linear head that
     predicts each patch's p*p*3 pixels (Sec. 3.3, Tab. 2). Encoder keys are timm's; the method's
     own parts are `mask_token` and `head_pred`."""
+    no_weight_decay = ('cls_token', 'pos_embed')  # besides 1-D and biases: the released code's skip list
 
     def __init__(self, args):
         width, depth, heads = common.model_size(args.model)
         super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
                          num_heads=heads, drop_path_rate=args.drop_path, init_values=args.layer_scale,
                          rel_pos_bias=args.rel_pos_bias, pos_embed='none' if args.rel_pos_bias else 'learn')
+        self.init_weights('beit')  # released code: BEiT's truncated-normal init and fix_init_weight
         self.loss_on, self.mask_ratio, self.mask_patch_size = args.loss_on, args.mask_ratio, args.mask_patch_size
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.trunc_normal_(self.mask_token, std=.02)
-        self.head_pred = nn.Linear(width, args.patch_size ** 2 * 3)  # one linear layer (Tab. 2)
+        self.mask_token = nn.Parameter(common.beit_trunc_normal_(torch.empty(1, 1, width)))
+        # one linear layer (Tab. 2); released code: a 1x1 conv outside the encoder, PyTorch's default init
+        self.head_pred = nn.Linear(width, args.patch_size ** 2 * 3)
 
     def forward(self, batch):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] normalized; [B, L], 1 = masked

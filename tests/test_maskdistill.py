@@ -7,51 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import common
 import maskdistill
 from utils import TINY, run
 
 # ----------------------------------------------------------------------------------------------
-# Block-wise masking (common.block_mask, BEiT)
-
-
-def rectangle_cover(mask, min_area):
-    """Cells of `mask` lying inside some axis-aligned all-masked rectangle of >= min_area cells."""
-    h, w = mask.shape
-    S = np.zeros((h + 1, w + 1))
-    S[1:, 1:] = mask.cumsum(0).cumsum(1)  # integral image
-    I, J = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-    cover = np.zeros(mask.shape, bool)
-    for rh in range(1, h + 1):
-        for rw in range(1, w + 1):
-            if rh * rw < min_area:
-                continue
-            full = (S[rh:, rw:] - S[:-rh, rw:] - S[rh:, :-rw] + S[:-rh, :-rw]) == rh * rw  # [h-rh+1, w-rw+1] top-left corners
-            for t, l in zip(*np.nonzero(full)):
-                cover[t:t + rh, l:l + rw] = True
-    return cover
-
-
-def test_block_mask_exact_count_many_seeds():
-    for seed in range(200):
-        m = common.block_mask(np.random.default_rng(seed), (14, 14), 78)
-        assert m.shape == (14, 14) and m.sum() == 78 and set(np.unique(m)) <= {0.0, 1.0}
-    transform = maskdistill.train_transform(maskdistill.get_args(['--data', 'synthetic']))  # ViT-B/16 at 224, 40%
-    out = transform(np.random.default_rng(0), Image.new('RGB', (300, 200)))
-    assert out['mask'].shape == (14, 14) and out['mask'].sum() == 78 and out['img'].shape == (3, 224, 224)
-
-
-def test_block_mask_is_made_of_rectangles_of_16_cells():
-    for seed in range(40):
-        m = common.block_mask(np.random.default_rng(seed), (14, 14), 78, exact=False)
-        assert 16 <= m.sum() <= 78
-        np.testing.assert_array_equal(rectangle_cover(m, 16), m.astype(bool))
-    blocks = [rectangle_cover(common.block_mask(np.random.default_rng(s), (14, 14), 78), 16).sum() for s in range(10)]
-    assert np.mean(blocks) >= 0.8 * 78  # the exact count adds or removes only a few cells
-    scattered = (np.random.default_rng(0).permutation(196) < 78).astype(np.float32).reshape(14, 14)
-    assert not np.array_equal(rectangle_cover(scattered, 16), scattered.astype(bool))  # the check rejects random masks
+# Block-wise masking (common.block_mask, BEiT; its algorithm and statistics: test_recipes.py)
 
 
 def test_block_mask_ratio_zero_and_small_grids():
@@ -268,7 +230,7 @@ def test_cli_trains_and_checkpoints(tmp_path, clip_file):
     r = run('maskdistill.py', *TINY, '--teacher', clip_file, '--output-dir', tmp_path)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
-    assert ckpt['step'] == 4 and ckpt['args']['teacher'] == str(clip_file) and ckpt['args']['mask_ratio'] == 0.4
+    assert ckpt['step'] == 4 and ckpt['args']['teacher'] == str(clip_file) and ckpt['args']['mask_ratio'] is None
     assert not any(k.startswith('teacher') for k in ckpt['model']) and 'rel_pos_bias.relative_position_bias_table' in ckpt['model']
     rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['step'] for r in rows[1:]] == [1, 2, 3, 4] and all(np.isfinite(r['loss']) for r in rows[1:])

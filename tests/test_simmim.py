@@ -35,13 +35,13 @@ def test_state_dict_is_timm_encoder_plus_method_parts():
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    args = simmim.get_args(ARGS)
+    args = simmim.get_args(ARGS + ['--drop-path', '0'])  # no stochastic depth when memorizing one batch
     model = simmim.SimMIM(args)
     ds = common.SyntheticImages(simmim.train_transform(args), 8)
     batch = common.to_device(torch.utils.data.default_collate([ds[i] for i in range(8)]), 'cpu')
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # BEiT's small init and layer scale 0.1 start slower
     losses = []
-    for _ in range(150):
+    for _ in range(200):
         loss, _ = model(batch)
         opt.zero_grad()
         loss.backward()
