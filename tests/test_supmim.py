@@ -16,7 +16,9 @@ from supmim import AttnBlock, Downsample, VectorQuantizer, VQGANTokenizer, load_
 from utils import TINY, run
 
 TINY_VQ = dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_levels=(1,), z_channels=8, embed_dim=8, n_embed=16)
-ARGS = TINY + ['--warmup-steps', '1']  # 32 px, patch 4: an 8 x 8 grid, so the f2 tiny VQGAN takes 16 px inputs
+# 32 px, patch 4: an 8 x 8 grid, so the f2 tiny VQGAN takes 16 px inputs; no accumulation (4 logged steps),
+# no dropout or stochastic depth (so that two forward passes can be compared)
+ARGS = TINY + ['--warmup-steps', '1', '--accum-iter', '1', '--dropout', '0', '--drop-path', '0']
 PIXELS = ARGS + ['--target', 'pixels']
 
 
