@@ -56,7 +56,8 @@ def get_args(argv=None):
                         help="big_vision vit_i1k.py init_head_bias = -6.9 = -log(1000): sigmoids start at 1/1000")
     parser.set_defaults(
         model='vit_base', patch_size=14, img_size=224,  # Sec. 4.1: ViT-B/14 at 224 -> 16 x 16 = 256 tokens
-        batch_size=256, accum_iter=2,    # x 8 GPUs = 4096 (Tab. 1); 512 x 1 would need ~90 GiB per GPU (see tokenize)
+        batch_size=256, accum_iter=2,    # x 8 GPUs = 4096 (Tab. 1). Saved activations ~208 MiB/img under bf16
+                                         # (158 without the dropout masks): ~52 GiB at 256, ~104 GiB at 512 per GPU
         blr=6.25e-5,                     # Tab. 1: lr 1e-3 at batch 4096 (an absolute value; = 6.25e-5 per 256)
         epochs=300, warmup_steps=10000,  # Tab. 1: 300 epochs on IN-1k, 10k warmup steps then cosine
         betas=(0.9, 0.96),               # Tab. 1
@@ -183,7 +184,7 @@ class SupMIM(common.VisionTransformer):
         """VQGAN ids [B, L] of the augmented image: ImageNet normalization undone, scaled to [-1, 1]
         and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1).
         In float32 with autocast off, so the ids are taming's (under bf16 autocast 3-4% differ), `chunk`
-        images at a time: the VQGAN's float32 temporaries peak at ~0.2 GiB per image at 256 px."""
+        images at a time: the VQGAN's float32 temporaries peak at ~130 MiB per image at 256 px (8 GiB per chunk)."""
         with torch.autocast(img.device.type, enabled=False):
             x = common.renormalize(img.float(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1
             if x.shape[-1] != self.tokenizer_size:
