@@ -10,7 +10,7 @@ in place and their average [E] at the masked places -> the frozen VQGAN's token 
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --tokenizer vqgan_imagenet_f16_1024/last.ckpt  # ViT-B/14, 300 epochs
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --mim-weight 0      # the supervised baseline (same recipe)
   python supmim.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --target pixels \
-      --batch-size 64 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick_supmim  # CPU, ~1 min
+      --batch-size 64 --accum-iter 1 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick_supmim  # CPU, ~1 min
 
 Expected: ViT-B/14, ImageNet-1k, 300 epochs: 81.72% val top-1 against 79.71% for the baseline
 (Tab. 2), ImageNet k-NN recall@1 79.47% against 78.15% (Tab. 4). Every run ends by printing the
@@ -70,12 +70,17 @@ def get_args(argv=None):
         args.weight_decay = 0.1 if args.model in ('vit_large', 'vit_huge') else 0.03
     if not 0 <= args.mask_ratio < 1:
         raise common.UsageError(f"--mask-ratio must be in [0, 1) (got {args.mask_ratio})")
-    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
-        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
-                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
     # ImageFolder data: main() sets it from the folder's classes; synthetic data has 10
     args.num_classes = len(common.SyntheticImages.SHAPES) if args.data == 'synthetic' else None
     return args
+
+
+def check_tokenizer(args):
+    """At the start of main() (before the dataset scan) and in SupMIM(); get_args leaves it out, so that
+    the defaults parse without the file."""
+    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
+        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
+                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +117,7 @@ class SupMIM(common.VisionTransformer):
             return
         grid = self.patch_embed.grid
         if args.target == 'tokens':
+            check_tokenizer(args)
             self.tokenizer = load_vqgan(args.tokenizer)
             factor = 2 ** (len(self.tokenizer.encoder.down) - 1)
             self.tokenizer_size = args.tokenizer_size or grid[0] * factor
@@ -515,6 +521,7 @@ def evaluate(args, model, dataset):
 
 def main():
     args = get_args()
+    check_tokenizer(args)
     dataset = common.build_dataset(args, train_transform(args))
     args.num_classes = len(dataset.classes)
     val = None
