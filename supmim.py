@@ -92,6 +92,8 @@ class SupMIM(common.VisionTransformer):
     (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4).
     GAP follows [63]'s ViT (big_vision): the final LayerNorm `norm` on every token, then the mean."""
     frozen_prefixes = ('tokenizer.',)
+    # big_vision decays only kernels (optax.py: wd_mults [('.*/kernel$', 1.0)]): no decay on the embeddings either
+    no_weight_decay = ('pos_embed', 'cls_token', 'decoder_pos_embed')
 
     def __init__(self, args):
         width, depth, heads = common.model_size(args.model)

@@ -308,6 +308,13 @@ def test_gap_and_E_come_after_the_final_norm():
     torch.testing.assert_close(model.classify(img), model.head(model.forward_features(img).mean(1)))  # same GAP
 
 
+def test_no_weight_decay_names_are_the_non_kernel_embeddings():
+    """big_vision decays only '/kernel' (Dense, Conv): the position embeddings and [CLS] are left out."""
+    model = supmim.SupMIM(supmim.get_args(PIXELS + ['--pool-cls', 'cls']))
+    names = dict(model.named_parameters())
+    assert all(n in names and names[n].ndim == 3 for n in supmim.SupMIM.no_weight_decay)
+
+
 def test_head_starts_at_big_vision_bias_and_zero_weights():
     model = supmim.SupMIM(supmim.get_args(PIXELS))
     assert torch.equal(model.head.weight, torch.zeros_like(model.head.weight))
