@@ -9,8 +9,8 @@ so they show nearly the same content; the loss is symmetrized over the two views
 
   torchrun --nproc_per_node=8 lut.py --data /imagenet          # ViT-B/16, 224 px, 1600 epochs (Sec. 5.1.2)
   python lut.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --decoder-dim 128 \
-      --decoder-depth 2 --decoder-heads 4 --batch-size 64 --epochs 4 --warmup-epochs 1 \
-      --synthetic-size 4000 --blr 2e-3 --output-dir out/quick_lut  # CPU, ~1.5 min
+      --decoder-depth 2 --decoder-heads 4 --batch-size 64 --accum-iter 1 --epochs 4 --warmup-epochs 1 \
+      --synthetic-size 4000 --lr 5e-4 --output-dir out/quick_lut  # CPU, ~1.5 min
 
 Expected: ViT-B/16 1600 epochs -> 84.2% ImageNet top-1 after fine-tuning (MAE: 83.6), ViT-S/16
 82.0 (Tab. 1); 400 epochs -> 83.6 (Sec. 5.1.4). The CPU run ends with a checkpoint whose k-NN
@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -56,12 +57,14 @@ def get_args(argv=None):
     parser.add_argument('--head-dim', type=int, default=4096, help='Sec. 5.1.1: hidden width of the MLP heads')
     parser.set_defaults(
         model='vit_base', img_size=224, patch_size=16,  # Sec. 5.1.1: ViT-B/16 at 224
-        batch_size=512,                  # x 8 GPUs = 4096 (Sec. 5.1.2); public recipe: 128 x accum 4 x 8
-        blr=1.5e-4,                      # MAE: lr = blr x 4096 / 256 = 2.4e-3; the public code scales by
-                                         # sqrt(batch) (blr x sqrt(4096) / 4), the same lr at 4096
+        batch_size=128, accum_iter=4,    # released PRETRAIN.md: 128 x accum 4 x 8 GPUs = 4096 (Sec. 5.1.2: 4096);
+                                         # the projector's BatchNorm sees 128 x 8 = 1024 images per view (GlobalBatchNorm1d)
+        blr=1.5e-4,                      # released PRETRAIN.md; lr = blr x sqrt(effective batch) / 4 (main_lut.py,
+                                         # see lr_from_blr) = 2.4e-3 at 4096, where MAE's linear rule agrees
         epochs=1600, warmup_epochs=40,   # Sec. 5.1.2 (ablations: 400 epochs)
-        weight_decay=0.05,               # Sec. 5.1.2
-        betas=(0.9, 0.999),              # Sec. 5.1.2; the public code uses MAE's (0.9, 0.95)
+        weight_decay=0.05,               # released PRETRAIN.md (MAE's); the paper does not state it
+        betas=(0.9, 0.95),               # released main_lut.py hard-codes MAE's (0.9, 0.95); Sec. 5.1.2's "(0.9, 0.999)"
+                                         # sits beside MAE's fine-tuning values: --betas 0.9 0.999
         min_lr=0.0, clip_grad=None,      # MAE: cosine to 0, no clipping. Sec. 5.1.2 also names a layer-wise
                                          # lr decay of 0.65, which the public pretraining code does not apply
         output_dir='out/lut')
@@ -84,10 +87,59 @@ def get_args(argv=None):
 # Model
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over all processes, differentiable: each process's loss depends on the sum, so the gradient
+    of every input is the sum of the processes' output gradients. dist.all_reduce is public, and
+    torch.compile traces it as a functional collective (fullgraph, checked in tests/test_lut.py); the
+    deprecated torch.distributed.nn.functional.all_reduce refuses to compile, and the functional
+    collectives module that replaces it is private (underscore)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d with training statistics over the batches of all processes, what the public code
+    gets from SyncBatchNorm (128 x 8 GPUs = 1024 images per view), with one all-reduce of [sum, sum of
+    squares, count] per call: no host sync, no graph break, on CPU (gloo) too. Gradients flow
+    through the global mean and variance. Parameters, buffers (names included), running-statistics
+    update (unbiased variance, momentum 0.1) and eval mode are nn.BatchNorm1d's."""
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()  # [N, C]; statistics in float32 under autocast
+        shift = self.running_mean.clone()  # sums of (x - shift): no cancellation in E[d^2] - E[d]^2
+        d = xf - shift
+        stats = AllReduceSum.apply(torch.cat([d.sum(0), (d * d).sum(0), d.new_full((1,), x.shape[0])]))  # [2C + 1]
+        C, n = x.shape[1], stats[-1]
+        mean_d = stats[:C] / n
+        var = stats[C:2 * C] / n - mean_d * mean_d  # biased, as BatchNorm normalizes
+        mean = mean_d + shift
+        # (1 - momentum) * running + momentum * batch; detach() rather than a no_grad block, which under
+        # torch.compile (2.14) loses the gradient through the statistics
+        self.running_mean.lerp_(mean.detach(), self.momentum)
+        self.running_var.lerp_((var * n / (n - 1)).detach(), self.momentum)
+        self.num_batches_tracked.add_(1)
+        return ((xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
+
+
 def mlp(dim, hidden):
     """Sec. 5.1.1: the projector and the predictor (BYOL's): Linear, BatchNorm, ReLU, Linear, no biases."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), GlobalBatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, dim, bias=False))
+
+
+def lr_from_blr(blr, eff_batch):
+    """Released main_lut.py: lr = blr * sqrt(effective batch) / 4, MAE's blr * batch / 256 at 4096 only."""
+    return blr * math.sqrt(eff_batch) / 4
 
 
 def ema_momentum(step, total_steps, base):
@@ -140,12 +192,6 @@ class LUT(common.VisionTransformer):
         self.target_encoder.requires_grad_(False)
         self.target_projector.requires_grad_(False)
         self.train()
-        # BatchNorm statistics over the global batch under DDP (public code). The loop creates the
-        # process group later, but SyncBatchNorm looks for it only when it runs. It needs a GPU: with
-        # gloo on CPU each process normalizes over its own batch (gradients are still all-reduced).
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1 and device != 'cpu':
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
     def train(self, mode=True):
         super().train(mode)
@@ -165,11 +211,10 @@ class LUT(common.VisionTransformer):
 
     @torch.no_grad()
     def after_step(self, step, total_steps):
-        """target = m * target + (1 - m) * online after every optimizer step (no host sync)."""
-        m = ema_momentum(step, total_steps, self.momentum)
+        """target = m * target + (1 - m) * online after every optimizer step: one fused lerp over all
+        tensors (torch._foreach_lerp_, as torch.optim's foreach paths; no host sync)."""
         online, target = self.ema_pairs()
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, online, alpha=1 - m)
+        torch._foreach_lerp_(target, online, 1 - ema_momentum(step, total_steps, self.momentum))
 
     def forward_decoder(self, x, ids_restore):
         """MAE's decoder. x: encoded [B, 1 + K, D] (cls first, then the kept patches in shuffled
@@ -319,6 +364,8 @@ def main():
     args = get_args()
     torch.manual_seed(args.seed)  # the same initial weights in every run with this seed
     model = LUT(args)
+    if args.lr is None:  # the released code's rule (the loop would apply MAE's linear one)
+        args.lr = lr_from_blr(args.blr, args.batch_size * args.accum_iter * int(os.environ.get('WORLD_SIZE', 1)))
     dataset = common.build_dataset(args, train_transform(args))
     common.train(args, model, dataset)
 

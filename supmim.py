@@ -10,7 +10,7 @@ in place and their average [E] at the masked places -> the frozen VQGAN's token 
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --tokenizer vqgan_imagenet_f16_1024/last.ckpt  # ViT-B/14, 300 epochs
   torchrun --nproc_per_node=8 supmim.py --data /imagenet --mim-weight 0      # the supervised baseline (same recipe)
   python supmim.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --target pixels \
-      --batch-size 64 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick_supmim  # CPU, ~1 min
+      --batch-size 64 --accum-iter 1 --epochs 4 --warmup-steps 20 --synthetic-size 4000 --blr 5e-4 --output-dir out/quick_supmim  # CPU, ~1 min
 
 Expected: ViT-B/14, ImageNet-1k, 300 epochs: 81.72% val top-1 against 79.71% for the baseline
 (Tab. 2), ImageNet k-NN recall@1 79.47% against 78.15% (Tab. 4). Every run ends by printing the
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
@@ -46,28 +46,40 @@ def get_args(argv=None):
     parser.add_argument('--mask-cls-input', action='store_true', help='Fig. 5: the classifier sees the masked image too')
     parser.add_argument('--crop-scale', type=float, nargs=2, default=(0.05, 1.0), help="AugReg's inception crop area range")
     parser.add_argument('--randaug', type=float, nargs=2, default=(2, 15), metavar=('OPS', 'MAGNITUDE'),
-                        help="AugReg 'medium2' for B/16 and L/16 on ImageNet-1k: RandAugment(2, 15)")
+                        help="AugReg 'medium2' for B/16 and L/16 on ImageNet-1k: big_vision's randaug(2, 15)")
     parser.add_argument('--mixup', type=float, default=0.5, help="AugReg 'medium2': mixup alpha 0.5 (0 = off)")
+    parser.add_argument('--dropout', type=float, default=0.1,
+                        help="AugReg ViT-B/16 i1k 300ep ('do_0.1' in its checkpoint names): after the embedding, "
+                             "the attention output and inside and after the MLP (big_vision / vit_jax ViT)")
+    parser.add_argument('--head-bias', type=float, default=-6.9,
+                        help="big_vision vit_i1k.py init_head_bias = -6.9 = -log(1000): sigmoids start at 1/1000")
     parser.set_defaults(
         model='vit_base', patch_size=14, img_size=224,  # Sec. 4.1: ViT-B/14 at 224 -> 16 x 16 = 256 tokens
-        batch_size=512,                  # x 8 GPUs = 4096 (Tab. 1)
+        batch_size=256, accum_iter=2,    # x 8 GPUs = 4096 (Tab. 1). Saved activations ~208 MiB/img under bf16
+                                         # (158 without the dropout masks): ~52 GiB at 256, ~104 GiB at 512 per GPU
         blr=6.25e-5,                     # Tab. 1: lr 1e-3 at batch 4096 (an absolute value; = 6.25e-5 per 256)
         epochs=300, warmup_steps=10000,  # Tab. 1: 300 epochs on IN-1k, 10k warmup steps then cosine
         betas=(0.9, 0.96),               # Tab. 1
         weight_decay=None,               # Tab. 1: 0.03 (B), 0.1 (L); set from --model below
-        min_lr=0.0, clip_grad=None,      # paper silent; big_vision's AugReg config clips at 1.0
+        drop_path=0.1,                   # AugReg ViT-B/16 i1k 300ep: stochastic depth 0.1 ('sd_0.1')
+        min_lr=0.0, clip_grad=1.0,       # paper silent; big_vision's vit_i1k.py: grad_clip_norm 1.0
         output_dir='out/supmim')
     args = parser.parse_args(argv)
     if args.weight_decay is None:
         args.weight_decay = 0.1 if args.model in ('vit_large', 'vit_huge') else 0.03
     if not 0 <= args.mask_ratio < 1:
         raise common.UsageError(f"--mask-ratio must be in [0, 1) (got {args.mask_ratio})")
-    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
-        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
-                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
     # ImageFolder data: main() sets it from the folder's classes; synthetic data has 10
     args.num_classes = len(common.SyntheticImages.SHAPES) if args.data == 'synthetic' else None
     return args
+
+
+def check_tokenizer(args):
+    """At the start of main() (before the dataset scan) and in SupMIM(); get_args leaves it out, so that
+    the defaults parse without the file."""
+    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
+        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
+                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,19 +88,26 @@ def get_args(argv=None):
 
 class SupMIM(common.VisionTransformer):
     """A ViT classifier (`head`, timm names) plus the MIM decoder (`decoder_*`) and the frozen VQGAN
-    (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4)."""
+    (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4).
+    GAP follows [63]'s ViT (big_vision): the final LayerNorm `norm` on every token, then the mean."""
     frozen_prefixes = ('tokenizer.',)
+    # big_vision decays only kernels (optax.py: wd_mults [('.*/kernel$', 1.0)]): no decay on the embeddings either
+    no_weight_decay = ('pos_embed', 'cls_token', 'decoder_pos_embed')
 
     def __init__(self, args):
         width, depth, heads = common.model_size(args.model)
         super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
                          num_heads=heads, num_classes=args.num_classes, drop_path_rate=args.drop_path,
-                         class_token='cls' in (args.pool_cls, args.pool_mim),
-                         global_pool='token' if args.pool_cls == 'cls' else 'avg')
-        # zero-initialized classifier (big_vision / Scenic ViT): all sigmoids start at 0.5
+                         class_token='cls' in (args.pool_cls, args.pool_mim), global_pool='token')
+        if args.dropout:  # big_vision's dropout sites, put in this ViT's parameter-free slots (state dict unchanged)
+            self.norm_pre = nn.Dropout(args.dropout)  # after the position embedding
+            for blk in self.blocks:
+                blk.ls1, blk.ls2 = nn.Dropout(args.dropout), nn.Dropout(args.dropout)  # attention out, MLP out
+                blk.mlp.act = nn.Sequential(blk.mlp.act, nn.Dropout(args.dropout))  # between the MLP's two layers
+        # big_vision ViT: zero classifier weights (head_zeroinit); bias -6.9 (vit_i1k.py's init_head_bias)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.mim_weight, self.mask_ratio, self.target = args.mim_weight, args.mask_ratio, args.target
+        nn.init.constant_(self.head.bias, args.head_bias)
+        self.pool_cls, self.mim_weight, self.mask_ratio, self.target = args.pool_cls, args.mim_weight, args.mask_ratio, args.target
         self.pool_mim, self.mask_cls_input, self.mixup_alpha = args.pool_mim, args.mask_cls_input, args.mixup
         self.num_classes, self.tokenizer, self.tokenizer_flops = args.num_classes, None, 0
         # lambda 0: the MIM branch is neither built nor run. The baseline then costs what a supervised
@@ -99,6 +118,7 @@ class SupMIM(common.VisionTransformer):
             return
         grid = self.patch_embed.grid
         if args.target == 'tokens':
+            check_tokenizer(args)
             self.tokenizer = load_vqgan(args.tokenizer)
             factor = 2 ** (len(self.tokenizer.encoder.down) - 1)
             self.tokenizer_size = args.tokenizer_size or grid[0] * factor
@@ -132,6 +152,11 @@ class SupMIM(common.VisionTransformer):
             self.tokenizer.eval()  # frozen, always in inference mode
         return self
 
+    def pool(self, x):
+        """Sec. 3.1: GAP "averages the encoded token embeddings at the transformer output" (after the
+        final norm, as [63]'s big_vision ViT), or the [CLS] token (Fig. 4). x [B, prefix + L', D] -> [B, D]."""
+        return x[:, self.num_prefix:].mean(1) if self.pool_cls == 'gap' else x[:, 0]
+
     def classify(self, img, ids_keep=None):
         """Logits [B, C] of the classifier; ids_keep [B, K] encodes only those patches (Fig. 5)."""
         return self.head(self.pool(self.forward_features(img, ids_keep=ids_keep)))
@@ -145,8 +170,10 @@ class SupMIM(common.VisionTransformer):
                                    cutmix_alpha=0.0, label_smoothing=0.0)
 
     def decoder_input(self, latent, ids_restore):
-        """Sec. 3.3: the encoded visible tokens back in their places, [E] at the masked ones.
-        latent [B, prefix + K, D] (encoder output); ids_restore [B, L] -> [B, L, D]."""
+        """Sec. 3.3: "At the output of the encoder we produce a representation, denoted by [E], by
+        applying GAP to the unmasked encoded patches ... the original masked positions are replaced by
+        [E]." latent [B, prefix + K, D], the encoder output after its final norm; ids_restore [B, L]
+        -> [B, L, D]: the visible tokens back in their places, [E] (or [CLS], Fig. 4) at the masked ones."""
         x = latent[:, self.num_prefix:]  # [B, K, D]
         B, K, D = x.shape
         fill = latent[:, :1] if self.pool_mim == 'cls' else x.mean(1, keepdim=True)  # [B, 1, D]: [CLS] or [E] = GAP
@@ -160,16 +187,23 @@ class SupMIM(common.VisionTransformer):
         return self.decoder_pred(self.decoder_norm(x))  # [B, L, 1024 token logits or p*p*3 pixels]
 
     @torch.no_grad()
-    def tokenize(self, img):
+    def tokenize(self, img, chunk=64):
         """VQGAN ids [B, L] of the augmented image: ImageNet normalization undone, scaled to [-1, 1]
-        and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1)."""
-        x = common.renormalize(img, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1 for p in [0, 1]
-        if x.shape[-1] != self.tokenizer_size:
-            x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
-        return self.tokenizer.tokenize(x)
+        and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1).
+        In float32 with autocast off, so the ids are taming's (under bf16 autocast 3-4% differ), `chunk`
+        images at a time: the VQGAN's float32 temporaries peak at ~130 MiB per image at 256 px (8 GiB per chunk)."""
+        with torch.autocast(img.device.type, enabled=False):
+            x = common.renormalize(img.float(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1
+            if x.shape[-1] != self.tokenizer_size:
+                x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
+            if x.is_cuda:  # main() made the VQGAN channels-last: cuDNN's NHWC convolutions
+                x = x.contiguous(memory_format=torch.channels_last)
+            return torch.cat([self.tokenizer.tokenize(c) for c in x.split(chunk)])  # [B, L]
 
     def forward(self, batch):
         img, labels = batch['img'], batch['label']  # [B, 3, H, W] normalized, [B]
+        # the targets first: the VQGAN's temporaries are freed before the encoder's activations pile up
+        ids = self.tokenize(img) if self.decoder_blocks is not None and self.target == 'tokens' else None
         ids_keep = ids_restore = None
         if self.decoder_blocks is not None or self.mask_cls_input:
             noise = torch.rand(img.shape[0], self.num_patches, device=img.device)
@@ -183,7 +217,7 @@ class SupMIM(common.VisionTransformer):
         # (2) MIM on the un-mixed image: only the visible patches are encoded (MAE), all are predicted
         pred = self.forward_decoder(self.forward_features(img, ids_keep=ids_keep), ids_restore)
         if self.target == 'tokens':
-            loss_mim = token_cross_entropy(pred, self.tokenize(img))
+            loss_mim = token_cross_entropy(pred, ids)
         else:
             loss_mim = pixel_loss(pred, common.patchify(img, self.patch_size))
         loss = loss_ce + self.mim_weight * loss_mim  # Eq. (3)
@@ -383,21 +417,84 @@ def pixel_loss(pred, target):
 
 
 # ----------------------------------------------------------------------------------------------
+# big_vision's RandAugment (pp/archive/autoaugment.py, forked from the TF EfficientNet code), on PIL
+# images. Unlike timm's (common.rand_augment): 16 ops with Cutout and SolarizeAdd, the chosen op is
+# always applied, fixed magnitude, and TF's level mappings, under which posterize and solarize weaken
+# with the magnitude (m=15: 6 bits kept, solarize threshold 384 = no-op).
+
+MAX_LEVEL = 10.0  # _MAX_LEVEL
+FILL = (128, 128, 128)  # replace_value: pixels uncovered by geometric ops, and Cutout
+SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')  # _randomly_negate_tensor
+
+
+def level_to_arg(name, level):
+    """big_vision's level_to_arg (cutout_const 40, translate_const 100), sign not yet drawn."""
+    x = level / MAX_LEVEL
+    return {'Rotate': x * 30, 'Posterize': int(x * 4), 'Solarize': int(x * 256), 'SolarizeAdd': int(x * 110),
+            'Color': x * 1.8 + 0.1, 'Contrast': x * 1.8 + 0.1, 'Brightness': x * 1.8 + 0.1, 'Sharpness': x * 1.8 + 0.1,
+            'ShearX': x * 0.3, 'ShearY': x * 0.3, 'TranslateX': x * 100, 'TranslateY': x * 100, 'Cutout': int(x * 40)}.get(name)
+
+
+def _lut(img, f):
+    return img.point([min(255, max(0, f(i))) for i in range(256)] * len(img.getbands()))
+
+
+def _affine(img, c):  # output pixel (x, y) <- input (c0 x + c1 y + c2, c3 x + c4 y + c5); tfa.image's nearest
+    return img.transform(img.size, Image.Transform.AFFINE, c, Image.Resampling.NEAREST, fillcolor=FILL)
+
+
+def _cutout(img, half, rng):
+    """A (2 half)^2 square of 128 around a uniform random centre, clipped at the borders."""
+    a = np.array(img)  # [H, W, 3]
+    cy, cx = rng.integers(a.shape[0]), rng.integers(a.shape[1])
+    a[max(0, cy - half):cy + half, max(0, cx - half):cx + half] = FILL
+    return Image.fromarray(a)
+
+
+BV_OPS = {  # name -> f(img, level_to_arg value with its sign, rng); PIL's ops are the ones TF's imitate
+    'AutoContrast': lambda im, v, rng: ImageOps.autocontrast(im),
+    'Equalize': lambda im, v, rng: ImageOps.equalize(im),
+    'Invert': lambda im, v, rng: ImageOps.invert(im),
+    'Rotate': lambda im, v, rng: im.rotate(v, Image.Resampling.NEAREST, fillcolor=FILL),
+    'Posterize': lambda im, v, rng: _lut(im, lambda i: i >> (8 - min(v, 8)) << (8 - min(v, 8))),  # keeps v bits
+    'Solarize': lambda im, v, rng: _lut(im, lambda i: i if i < v else 255 - i),
+    'Color': lambda im, v, rng: ImageEnhance.Color(im).enhance(v),
+    'Contrast': lambda im, v, rng: ImageEnhance.Contrast(im).enhance(v),
+    'Brightness': lambda im, v, rng: ImageEnhance.Brightness(im).enhance(v),
+    'Sharpness': lambda im, v, rng: ImageEnhance.Sharpness(im).enhance(v),
+    'ShearX': lambda im, v, rng: _affine(im, (1, v, 0, 0, 1, 0)),
+    'ShearY': lambda im, v, rng: _affine(im, (1, 0, 0, v, 1, 0)),
+    'TranslateX': lambda im, v, rng: _affine(im, (1, 0, v, 0, 1, 0)),
+    'TranslateY': lambda im, v, rng: _affine(im, (1, 0, 0, 0, 1, v)),
+    'Cutout': lambda im, v, rng: _cutout(im, v, rng),
+    'SolarizeAdd': lambda im, v, rng: _lut(im, lambda i: i + v if i < 128 else i),
+}
+
+
+def randaugment(rng, img, num_layers=2, magnitude=15):
+    """distort_image_with_randaugment: per layer one of the 16 ops, uniformly, always applied."""
+    names = list(BV_OPS)
+    for _ in range(num_layers):
+        name = names[rng.integers(len(names))]
+        v = level_to_arg(name, magnitude)
+        if name in SIGNED and rng.random() < 0.5:
+            v = -v
+        img = BV_OPS[name](img, v, rng)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 
 
 def train_transform(args):
-    """AugReg (big_vision's vit_i1k.py, 'medium2' for B/16 and L/16): inception crop, flip, RandAugment.
-    RandAugment is common.rand_augment (timm's ops) at a fixed magnitude: 15 on the scale where 10 is
-    the nominal maximum, so rotate/shear/translate/enhance reach 1.5x their ranges as in big_vision;
-    timm's 'increasing' posterize and solarize saturate there (black, inverted) where TF's weaken."""
+    """AugReg (big_vision's vit_i1k.py, 'medium2' for B/16 and L/16): inception crop, flip, big_vision's
+    RandAugment (randaugment above; timm's, common.rand_augment, is the fine-tuning one)."""
     ops, magnitude = int(args.randaug[0]), args.randaug[1]
 
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
-        if ops:
-            img = common.rand_augment(rng, img, num_ops=ops, magnitude=magnitude, mstd=0.0)
-        return {'img': common.to_tensor(img)}
+        return {'img': common.to_tensor(randaugment(rng, img, ops, magnitude))}
     return transform
 
 
@@ -418,6 +515,7 @@ def evaluate(args, model, dataset):
 
 def main():
     args = get_args()
+    check_tokenizer(args)
     dataset = common.build_dataset(args, train_transform(args))
     args.num_classes = len(dataset.classes)
     val = None
@@ -430,7 +528,11 @@ def main():
         print(f"no {args.data}/val folder: the final top-1 is skipped")
     train_transform(args)(np.random.default_rng(0), Image.new('RGB', (8, 8)))  # bad sizes fail here, not in a worker
     torch.manual_seed(args.seed)  # the same initial weights in every run with this seed
-    model = common.train(args, SupMIM(args), dataset)
+    model = SupMIM(args)
+    if model.tokenizer is not None and (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda':
+        model.tokenizer.to(memory_format=torch.channels_last)  # NHWC convolutions, no layout copies around them
+        torch.backends.cudnn.benchmark = True  # static shapes: cuDNN times its algorithms once, keeps the fastest
+    model = common.train(args, model, dataset)
     if val is not None and int(os.environ.get('RANK', 0)) == 0:
         print(f"val top-1 {evaluate(args, model, val):.2f}%")
 

@@ -1,18 +1,20 @@
 """lut.py: the EMA target, Eq. (1)-(3) against a hand computation, two-view masking and transform,
-the official MAE layout, the FLOP count, and the CLI (one process and DDP)."""
+the official MAE layout, the FLOP count, the cross-process BatchNorm, the recipe (betas, batch, lr
+rule), and the CLI (one process and DDP)."""
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 import common
 import lut
-from utils import TINY, official_mae_shapes, run
+from utils import ROOT, TINY, official_mae_shapes, run
 
-SMALL = ['--decoder-dim', '32', '--decoder-heads', '2', '--decoder-depth', '1', '--head-dim', '64']
+SMALL = ['--decoder-dim', '32', '--decoder-heads', '2', '--decoder-depth', '1', '--head-dim', '64', '--accum-iter', '1']
 D, DEPTH, P, S = 96, 4, 4, 32  # vit_pico at 32 px, patch 4
 L = (S // P) ** 2  # 64 patches
 K = L // 4  # kept per view at the 0.75 mask ratio (int(64 * 0.25))
@@ -119,6 +121,113 @@ def test_train_mode_keeps_the_target_in_eval_mode():
     model.train()
     assert model.training and model.head_projector.training
     assert not any(m.training for m in [*model.target_encoder.modules(), *model.target_projector.modules()])
+
+
+def test_ema_is_one_lerp_equal_to_the_formula_on_every_pair():
+    model = make_model()
+    online, target = model.ema_pairs()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in [*online, *target]:
+            t.copy_(torch.randn(t.shape, generator=g))
+    before = [t.clone() for t in target]
+    model.after_step(30, 100)
+    m = lut.ema_momentum(30, 100, 0.996)
+    assert 0.996 < m < 1
+    assert all(torch.allclose(t, m * b + (1 - m) * o, rtol=0, atol=1e-6) for t, b, o in zip(target, before, online))
+
+
+# ----------------------------------------------------------------------------------------------
+# The projector's BatchNorm: statistics over every process's batch (SyncBatchNorm's result)
+
+BN_WORKER = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import lut
+dist.init_process_group('gloo')
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+N, C = 12, 5
+calls = [(3 + 2 * torch.randn(N, C, generator=g), torch.randn(N, C, generator=g)) for _ in range(3)]  # (x, loss weights)
+weight, bias = 1 + torch.rand(C, generator=g), torch.randn(C, generator=g)
+
+def run(bn, x, w):  # the per-image loss, averaged over the images this process holds
+    x = x.clone().requires_grad_()
+    y = bn(x)
+    ((y * w).sum(1) ** 2).mean().backward()
+    return y.detach(), x.grad
+
+out = {}
+for compiled in (False, True):
+    ref, bn = torch.nn.BatchNorm1d(C), lut.GlobalBatchNorm1d(C)
+    for m in (ref, bn):
+        with torch.no_grad():
+            m.weight.copy_(weight); m.bias.copy_(bias)
+    step = torch.compile(bn, fullgraph=True, backend='aot_eager') if compiled else bn  # fullgraph: no graph break
+    diff = 0.0
+    for x, w in calls:  # three calls: the running mean (the sums' shift) moves away from 0
+        y_ref, gx_ref = run(ref, x, w)  # one process, whole batch
+        part = slice(rank * N // world, (rank + 1) * N // world)
+        y, gx = run(step, x[part], w[part])
+        gw, gb = bn.weight.grad.clone(), bn.bias.grad.clone()
+        for t in (gw, gb):
+            dist.all_reduce(t)  # DDP: gradients averaged over the processes
+        diff = max(diff, (y - y_ref[part]).abs().max().item(),  # input gradients: each process's loss counts
+                   (gx / world - gx_ref[part]).abs().max().item(),  # the others' images through the statistics
+                   (gw / world - ref.weight.grad).abs().max().item(), (gb / world - ref.bias.grad).abs().max().item())
+        for m in (ref, bn):
+            m.weight.grad = m.bias.grad = None
+    diff = max(diff, (bn.running_mean - ref.running_mean).abs().max().item(),
+               (bn.running_var - ref.running_var).abs().max().item())
+    out['compiled' if compiled else 'eager'] = diff
+    out['batches_tracked'] = int(bn.num_batches_tracked)
+bn.eval()
+out['eval'] = (bn(calls[0][0]) - ref.eval()(calls[0][0])).abs().max().item()
+if rank == 0:
+    print('RESULT', json.dumps(out))
+"""
+
+
+def test_global_batchnorm_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    """Outputs, input and parameter gradients and running statistics of GlobalBatchNorm1d on 2 gloo
+    processes (6 images each) equal nn.BatchNorm1d's on all 12 images, eager and compiled (fullgraph)."""
+    worker = tmp_path / 'bn_worker.py'
+    worker.write_text(BN_WORKER)
+    r = run(worker, ROOT, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split('RESULT ')[1])
+    assert res['eager'] < 1e-5 and res['compiled'] < 1e-5 and res['eval'] < 1e-6, res
+    assert res['batches_tracked'] == 3
+
+
+def test_global_batchnorm_is_batchnorm_in_one_process_and_in_eval_mode():
+    x = 5 + torch.randn(16, 8)
+    ref, bn = nn.BatchNorm1d(8), lut.GlobalBatchNorm1d(8)
+    assert bn.state_dict().keys() == ref.state_dict().keys()  # official key names
+    assert torch.equal(bn(x), ref(x)) and torch.equal(bn.running_var, ref.running_var)
+    model = make_model()
+    assert all(isinstance(h[1], lut.GlobalBatchNorm1d) for h in (model.head_projector, model.head_predictor, model.target_projector))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe (released PRETRAIN.md / main_lut.py)
+
+
+def test_defaults_are_the_released_recipe():
+    args = lut.get_args(['--data', 'synthetic'])
+    assert tuple(args.betas) == (0.9, 0.95)  # main_lut.py hard-codes them
+    assert (args.batch_size, args.accum_iter) == (128, 4)  # x 8 GPUs: 4096, BatchNorm over 1024 per view
+    assert (args.blr, args.weight_decay, args.epochs, args.warmup_epochs) == (1.5e-4, 0.05, 1600, 40)
+    assert (args.mask_ratio, args.momentum, args.context_weight, args.norm_pix_loss) == (0.75, 0.996, 0.25, True)
+    assert args.lr is None and args.views == 'src'
+
+
+def test_lr_rule_is_the_square_root_one():
+    assert lut.lr_from_blr(1.5e-4, 4096) == pytest.approx(2.4e-3, rel=1e-12)  # = MAE's 1.5e-4 x 4096 / 256
+    assert lut.lr_from_blr(1.5e-4, 1024) == pytest.approx(1.5e-4 * 32 / 4, rel=1e-12)  # linear would give 6e-4
+    assert lut.lr_from_blr(1.5e-4, 16384) == pytest.approx(2 * 2.4e-3, rel=1e-12)  # 4x batch -> 2x lr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,9 +487,11 @@ def test_state_dict_is_official_mae_plus_the_lut_heads():
 def test_cli_writes_checkpoint_and_log(tmp_path):
     out = tmp_path / 'run'
     r = run('lut.py', *TINY, '--decoder-dim', '64', '--decoder-depth', '1', '--decoder-heads', '4',
-            '--head-dim', '128', '--output-dir', out)
+            '--head-dim', '128', '--accum-iter', '1', '--output-dir', out)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in open(out / 'log.jsonl')][1:]
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert rows[0]['args']['lr'] == pytest.approx(1.5e-4 * math.sqrt(8) / 4, rel=1e-12)  # main_lut.py's rule at batch 8
+    rows = rows[1:]
     assert len(rows) == 4 and all({'mae', 'context', 'loss'} <= set(row) for row in rows)
     assert all(math.isfinite(row['mae']) and 0 <= row['context'] <= 4 for row in rows)
     ckpt = torch.load(out / 'checkpoint.pth', map_location='cpu', weights_only=True)

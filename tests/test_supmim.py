@@ -1,5 +1,6 @@
-"""supmim.py: the VQGAN tokenizer against taming's layout, the [E] fill, the losses against the
-paper's formulas, the gradient of each branch, and the CLI (tokens, pixels, two processes)."""
+"""supmim.py: the VQGAN tokenizer against taming's layout (and in float32 under autocast), the [E]
+fill after the final norm, the losses against the paper's formulas, the gradient of each branch,
+big_vision's RandAugment, the AugReg recipe, and the CLI (tokens, pixels, two processes)."""
 import argparse
 import json
 import math
@@ -8,7 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 import common
 import supmim
@@ -16,7 +19,9 @@ from supmim import AttnBlock, Downsample, VectorQuantizer, VQGANTokenizer, load_
 from utils import TINY, run
 
 TINY_VQ = dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_levels=(1,), z_channels=8, embed_dim=8, n_embed=16)
-ARGS = TINY + ['--warmup-steps', '1']  # 32 px, patch 4: an 8 x 8 grid, so the f2 tiny VQGAN takes 16 px inputs
+# 32 px, patch 4: an 8 x 8 grid, so the f2 tiny VQGAN takes 16 px inputs; no accumulation (4 logged steps),
+# no dropout or stochastic depth (so that two forward passes can be compared)
+ARGS = TINY + ['--warmup-steps', '1', '--accum-iter', '1', '--dropout', '0', '--drop-path', '0']
 PIXELS = ARGS + ['--target', 'pixels']
 
 
@@ -259,6 +264,169 @@ def test_train_transform_is_uint8_and_deterministic():
     imgs = [ds[(i, 0)]['img'] for i in range(16)]
     assert all(x.dtype == torch.uint8 and x.shape == (3, 32, 32) for x in imgs)
     assert torch.equal(imgs[3], ds[(3, 0)]['img']) and not torch.equal(imgs[3], ds[(3, 1)]['img'])
+
+
+def test_tokenize_is_float32_under_bf16_autocast(tiny_ckpt):
+    """Ids under bf16 autocast equal the float32 ids, in chunks too. The codebook holds pairs of codes
+    a hair apart around the images' own latents, so that bf16 arithmetic (the VQGAN called under
+    autocast directly) flips many ids: the check can fail."""
+    torch.manual_seed(0)
+    model = supmim.SupMIM(supmim.get_args(ARGS + ['--tokenizer', tiny_ckpt]))
+    img = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = F.interpolate(common.renormalize(img, (0.5,) * 3, (0.5,) * 3), size=16, mode='bicubic').clamp(-1, 1)
+    vq = model.tokenizer
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).flatten(0, 2)  # [6 * 64, 8] latents
+        centres, delta = z[:8], 1e-3 * z[:8].norm(dim=1, keepdim=True) * F.normalize(torch.randn(8, 8), dim=1)
+        vq.quantize.embedding.weight.copy_(torch.cat([centres + delta, centres - delta]))  # 16 codes in 8 pairs
+    ref = model.tokenize(img, chunk=4)  # 6 images in chunks of 4 and 2
+    assert ref.shape == (6, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ids = model.tokenize(img)
+        unguarded = vq.tokenize(x)
+    assert torch.equal(ids, ref)
+    assert (unguarded != ref).sum() >= 5  # bf16 convolutions move latents across the pairs (10 of 384 here)
+
+
+def test_gap_and_E_come_after_the_final_norm():
+    torch.manual_seed(0)
+    model = supmim.SupMIM(supmim.get_args(PIXELS))
+    assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.fc_norm, nn.Identity) and model.num_prefix == 0
+    img = torch.randn(2, 3, 32, 32)
+    ids_keep, _, ids_restore = common.random_masking(torch.rand(2, 64), 0.2)
+    latent = model.forward_features(img, ids_keep=ids_keep)  # [2, 51, D]
+    h = model.forward_features(img, ids_keep=ids_keep, taps=(len(model.blocks),))[1][0]  # before the final norm
+    normed = F.layer_norm(h, (h.shape[-1],), eps=1e-6)  # weight 1, bias 0 at init
+    torch.testing.assert_close(latent, normed)
+    E = latent.mean(1)  # Sec. 3.3: GAP of the unmasked encoded patches
+    x = model.decoder_input(latent, ids_restore)
+    masked = ~torch.isin(torch.arange(64), ids_keep[0])
+    torch.testing.assert_close(x[0, masked], E[0].expand(int(masked.sum()), -1))
+    with torch.no_grad():
+        model.head.weight.normal_()
+    torch.testing.assert_close(model.classify(img), model.head(model.forward_features(img).mean(1)))  # same GAP
+
+
+def test_no_weight_decay_names_are_the_non_kernel_embeddings():
+    """big_vision decays only '/kernel' (Dense, Conv): the position embeddings and [CLS] are left out."""
+    model = supmim.SupMIM(supmim.get_args(PIXELS + ['--pool-cls', 'cls']))
+    names = dict(model.named_parameters())
+    assert all(n in names and names[n].ndim == 3 for n in supmim.SupMIM.no_weight_decay)
+
+
+def test_head_starts_at_big_vision_bias_and_zero_weights():
+    model = supmim.SupMIM(supmim.get_args(PIXELS))
+    assert torch.equal(model.head.weight, torch.zeros_like(model.head.weight))
+    assert torch.equal(model.head.bias, torch.full_like(model.head.bias, -6.9))
+    assert torch.sigmoid(model.classify(torch.randn(2, 3, 32, 32))).mean().item() == pytest.approx(1 / 1000, rel=0.01)
+
+
+def test_dropout_sites_leave_the_state_dict_alone():
+    torch.manual_seed(0)
+    plain = supmim.SupMIM(supmim.get_args(PIXELS))
+    torch.manual_seed(0)
+    model = supmim.SupMIM(supmim.get_args(PIXELS + ['--dropout', '0.1']))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 1 + 3 * len(model.blocks) and all(d.p == 0.1 for d in drops)  # embedding; attn, MLP mid, MLP out
+    assert not any(isinstance(m, nn.Dropout) for m in model.decoder_blocks.modules())
+    img = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model.classify(img), plain.eval().classify(img))  # eval: no dropout
+    model.train()
+    assert not torch.allclose(model.forward_features(img), plain.forward_features(img))
+
+
+def test_defaults_are_tab1_and_augreg():
+    a = supmim.get_args(['--data', 'synthetic', '--target', 'pixels'])
+    assert a.batch_size * a.accum_iter * 8 == 4096 and (a.batch_size, a.accum_iter) == (256, 2)  # Tab. 1, fits 80 GB
+    assert a.blr * 4096 / 256 == pytest.approx(1e-3) and tuple(a.betas) == (0.9, 0.96)  # Tab. 1
+    assert (a.weight_decay, a.warmup_steps, a.epochs, a.mask_ratio, a.mim_weight) == (0.03, 10000, 300, 0.2, 1.0)
+    assert (a.model, a.patch_size, a.img_size, a.min_lr) == ('vit_base', 14, 224, 0.0)  # ViT-B/14 at 224, cosine to 0
+    assert (a.clip_grad, a.drop_path, a.dropout, a.head_bias) == (1.0, 0.1, 0.1, -6.9)  # AugReg B/16 i1k, big_vision
+    assert tuple(a.crop_scale) == (0.05, 1.0) and tuple(a.randaug) == (2, 15) and a.mixup == 0.5  # 'medium2'
+    assert supmim.get_args(['--data', 'synthetic', '--target', 'pixels', '--model', 'vit_large']).weight_decay == 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# big_vision's RandAugment (pp/archive/autoaugment.py)
+
+# level_to_arg at m = 5, 10, 15, worked out by hand from big_vision's formulas (x = m / 10):
+# rotate 30x, shear 0.3x, translate 100x (translate_const), posterize int(4x), solarize int(256x),
+# solarize-add int(110x), cutout int(40x) (cutout_const), enhance 1.8x + 0.1
+BV_ARGS = {
+    'Rotate': (15.0, 30.0, 45.0), 'ShearX': (0.15, 0.3, 0.45), 'ShearY': (0.15, 0.3, 0.45),
+    'TranslateX': (50.0, 100.0, 150.0), 'TranslateY': (50.0, 100.0, 150.0),
+    'Posterize': (2, 4, 6), 'Solarize': (128, 256, 384), 'SolarizeAdd': (55, 110, 165), 'Cutout': (20, 40, 60),
+    'Color': (1.0, 1.9, 2.8), 'Contrast': (1.0, 1.9, 2.8), 'Brightness': (1.0, 1.9, 2.8), 'Sharpness': (1.0, 1.9, 2.8),
+    'AutoContrast': (None,) * 3, 'Equalize': (None,) * 3, 'Invert': (None,) * 3,
+}
+
+
+def photo(seed, size=64):
+    """A photo-like crop: a smooth random colour field (bicubic 4x4 grid) with fine noise."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    return Image.fromarray((np.asarray(base, np.float32) + rng.normal(0, 8, (size, size, 3))).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize('i,m', [(0, 5), (1, 10), (2, 15)])
+def test_level_to_arg_is_big_vision_at_several_magnitudes(i, m):
+    assert set(supmim.BV_OPS) == set(BV_ARGS) and len(BV_ARGS) == 16
+    for name, values in BV_ARGS.items():
+        got = supmim.level_to_arg(name, m)
+        assert (got is None) if values[i] is None else got == pytest.approx(values[i], abs=1e-12), name
+        if isinstance(values[i], int):
+            assert isinstance(got, int), name
+
+
+def test_op_effects_at_magnitude_15():
+    img, a = photo(0, 96), np.asarray(photo(0, 96)).astype(int)
+    rng = np.random.default_rng(0)
+    op = lambda name: np.asarray(supmim.BV_OPS[name](img, supmim.level_to_arg(name, 15), rng)).astype(int)  # noqa: E731
+    assert np.array_equal(op('Posterize'), a & 0b11111100)  # 6 bits kept (timm at m=15: all black)
+    assert np.array_equal(op('Solarize'), a)  # threshold 384: nothing to invert
+    assert np.array_equal(op('SolarizeAdd'), np.where(a < 128, np.minimum(a + 165, 255), a))
+    assert np.array_equal(op('Invert'), 255 - a)
+    const = Image.new('RGB', (8, 8), (50, 60, 70))
+    assert np.asarray(supmim.BV_OPS['Brightness'](const, 2.8, rng)).tolist() == np.full((8, 8, 3), (140, 168, 196)).tolist()
+    t = op('TranslateX')  # 150 px: output column x shows input column x + 150, the rest is the fill
+    assert np.array_equal(t, np.full_like(a, 128))  # 96 px wide: everything shifted out
+    img2, a2 = photo(1, 224), np.asarray(photo(1, 224)).astype(int)
+    t = np.asarray(supmim.BV_OPS['TranslateX'](img2, 150.0, rng)).astype(int)
+    assert np.array_equal(t[:, :74], a2[:, 150:]) and (t[:, 74:] == 128).all()
+    t = np.asarray(supmim.BV_OPS['TranslateY'](img2, -150.0, rng)).astype(int)
+    assert np.array_equal(t[150:], a2[:74]) and (t[:150] == 128).all()
+    r = np.asarray(supmim.BV_OPS['Rotate'](img2, 45.0, rng)).astype(int)
+    assert (r[0, 0] == 128).all() and (r[-1, -1] == 128).all() and np.array_equal(r[112, 112], a2[112, 112])
+    for seed in range(20):  # Cutout: one square of 128, side 2 x 60 unless clipped by a border
+        c = np.asarray(supmim.BV_OPS['Cutout'](img2, 60, np.random.default_rng(seed))).astype(int)
+        changed = (c != a2).any(-1)
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        cy, cx = np.random.default_rng(seed).integers(224, size=2)
+        assert rows.min() >= max(0, cy - 60) and rows.max() < min(224, cy + 60) and cols.max() < min(224, cx + 60)
+        box = c[max(0, cy - 60):cy + 60, max(0, cx - 60):cx + 60]
+        assert (box == 128).all() and changed.sum() <= 120 * 120
+
+
+def test_randaugment_at_m15_rarely_blackens_or_skips():
+    """Each chosen op is applied: an image comes out unchanged only when both layers draw an identity
+    (Solarize at m=15, AutoContrast on a full-range crop), ~1.5%; timm's (ops applied w.p. 0.5) leaves
+    ~25% unchanged and its posterize at m=15 turns ~6% of the crops black."""
+    imgs = [photo(i) for i in range(40)]
+    stats = {}
+    for name, fn in (('bv', lambda rng, im: supmim.randaugment(rng, im, 2, 15)),
+                     ('timm', lambda rng, im: common.rand_augment(rng, im, 2, 15, 0.0))):
+        outs = [(np.asarray(fn(np.random.default_rng(i), imgs[i % 40])), np.asarray(imgs[i % 40])) for i in range(800)]
+        stats[name] = (np.mean([o.max() == 0 for o, _ in outs]), np.mean([np.array_equal(o, a) for o, a in outs]))
+    assert stats['bv'][0] == 0 and stats['bv'][1] < 0.04, stats
+    assert stats['timm'][0] > 0.03 and stats['timm'][1] > 0.15, stats
+    counts = {}
+    rng = np.random.default_rng(0)
+    for _ in range(1600):  # ops drawn uniformly from the 16
+        name = list(supmim.BV_OPS)[rng.integers(16)]
+        counts[name] = counts.get(name, 0) + 1
+    assert len(counts) == 16 and min(counts.values()) > 60
 
 
 # ----------------------------------------------------------------------------------------------
