@@ -164,6 +164,8 @@ class MaskDistill(common.VisionTransformer):
 
     def forward(self, batch):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] ImageNet-normalized; [B, L], 1 = masked
+        if 'jitter' in batch:  # the colour jitter the data workers drew, applied here (teacher and student see it)
+            img = common.renormalize_unit(common.color_jitter(common.unnormalize(img), batch['jitter'], hue=False))
         z = self.forward_features(img, mask=mask, mask_token=self.mask_token)  # [B, 1 + L, D], Eq. (2)
         pred = self.head_distill(z[:, self.num_prefix:])  # [B, L, D_t]
         target = self.teacher(img)  # [B, L, D_t] from the full, unmasked image
@@ -194,15 +196,16 @@ def forward_loss(pred, target, mask, beta=1.0):
 
 def train_transform(args):
     """RandomResizedCrop + flip + colour jitter 0.4 (Tab. 11; BEiT jitters before the crop, we after
-    it, on fewer pixels), and a block-wise mask of int(ratio * L) patches per image (78 of 196)."""
+    it, on fewer pixels: its parameters are drawn here and applied on the device, in forward), and a
+    block-wise mask of int(ratio * L) patches per image (78 of 196)."""
     grid = (args.img_size // args.patch_size,) * 2
     num_masked = int(args.mask_ratio * grid[0] * grid[1])  # BEiT's code: 75 (38%) of 196
 
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
-        img = common.color_jitter(rng, img, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
+        jitter = common.jitter_params(rng, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
         mask = common.block_mask(rng, grid, num_masked)  # [h, w], 1 = masked
-        return {'img': common.to_tensor(img), 'mask': torch.from_numpy(mask)}
+        return {'img': common.to_tensor(img), 'jitter': torch.from_numpy(jitter), 'mask': torch.from_numpy(mask)}
     return transform
 
 
