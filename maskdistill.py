@@ -97,6 +97,7 @@ class Teacher(nn.Module):
         x = common.renormalize(img, self.mean, self.std)  # ImageNet's normalization undone, the teacher's applied
         if x.shape[-1] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bicubic', align_corners=False)
+        x = x.to(self.vit.patch_embed.proj.weight.dtype)  # bf16 when cast for a CUDA run
         tokens, (last,) = self.vit.forward_features(x, taps=(self.vit.depth,))  # after / before the final norm
         t = (tokens if self.ln_post else last)[:, self.vit.num_prefix:]  # [B, L, D]
         return t if self.proj is None else t @ self.proj  # [B, L, E]
@@ -158,6 +159,8 @@ class MaskDistill(common.VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.trunc_normal_(self.mask_token, std=.02)  # BEiT's init
         self.teacher = load_teacher(args, self.patch_embed.grid)
+        if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda') and args.precision in (None, 'bf16'):
+            self.teacher.to(torch.bfloat16)  # once: autocast re-casts frozen weights at every step (its cache holds trainable ones only)
         self.head_distill = nn.Linear(width, self.teacher.out_dim)  # the FC MIM head (Tab. 1)
         nn.init.trunc_normal_(self.head_distill.weight, std=.02)
         nn.init.zeros_(self.head_distill.bias)
