@@ -113,6 +113,11 @@ def method_flags(name, args, tmp, a):
     return []
 
 
+def default_batch(name, tmp):
+    """The script's default batch per GPU (its get_args with the flags its parts need)."""
+    return importlib.import_module(name).get_args(['--data', 'synthetic'] + method_flags(name, VIT_B, tmp, {})).batch_size
+
+
 def bench_steps(args, device):
     """The step table: timm's supervised ViT first (the reference for CPU time per FLOP), then each
     method; a method that runs out of device memory gets an OOM row."""
@@ -138,7 +143,7 @@ def bench_steps(args, device):
         print("timm           (not installed: no peer row)")
     for name in args.methods:
         torch.manual_seed(0)
-        n = args.batch or importlib.import_module(name).get_args(['--data', 'synthetic']).batch_size
+        n = args.batch or default_batch(name, tmp)
         utils.METHOD_FLAGS[name] = lambda t, a, name=name: method_flags(name, args, t, a) + ['--device', device.type]
         model, batch = utils.method_setup(name, args.model, args.img_size, args.patch_size, n, tmp)
         try:
@@ -154,9 +159,8 @@ def bench_steps(args, device):
 # ---- memory at the defaults ------------------------------------------------------------------
 
 class LiveBytes(TorchDispatchMode):
-    """The peak bytes of tensors made while active and still referenced from Python: the working
-    set of a forward on top of what autograd keeps (saved tensors are counted apart, and a tensor
-    only autograd holds has no Python reference left)."""
+    """The peak bytes of the tensors made while active that are still alive (a tensor autograd saves
+    keeps its Python object, so it counts until backward frees it)."""
     def __init__(self):
         super().__init__()
         self.refs, self.now, self.peak = {}, 0, 0
@@ -185,13 +189,17 @@ class LiveBytes(TorchDispatchMode):
 def fp32_norms(fn):
     """CUDA's autocast runs layer_norm and group_norm in float32 whatever their input; the CPU's runs
     them in the input's dtype. Counting on the CPU, cast their inputs as CUDA would."""
-    def norm(x, *a, **k):
-        return fn(x.float() if torch.is_autocast_enabled('cpu') else x, *a, **k)
+    def norm(*a, **k):
+        if torch.is_autocast_enabled('cpu'):  # input, weight and bias alike (bf16 teachers have bf16 weights)
+            a = [v.float() if isinstance(v, torch.Tensor) else v for v in a]
+            k = {n: v.float() if isinstance(v, torch.Tensor) else v for n, v in k.items()}
+        return fn(*a, **k)
     return norm
 
 
 def forward_memory(model, batch):
-    """One bf16-autocast forward: (bytes autograd saves for backward, the largest working set)."""
+    """One bf16-autocast forward: (bytes autograd saves for backward, peak bytes alive: the saved
+    ones and the working set on top of them, e.g. the VQGAN tokenizer's temporaries)."""
     params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     saved = {}
 
@@ -210,10 +218,12 @@ def forward_memory(model, batch):
 def bench_memory(args):
     """Peak memory of each method's training step at its defaults (ViT-B, default batch per GPU):
     parameters, gradients and AdamW's two moments in float32, frozen parts as the scripts keep them
-    on CUDA (teachers bf16), plus the bytes saved for backward and the forward's largest working set
-    (e.g. the VQGAN tokenizer's, under no_grad), both counted on the CPU under bf16 autocast with
-    CUDA's rules at two small batches and extrapolated linearly. No allocator caching or
-    fragmentation, no cuDNN / NCCL workspaces: budget 10-15% on top."""
+    on CUDA (teachers bf16), plus the peak of the forward: the bytes saved for backward and the
+    working set on top of them (the largest temporaries, e.g. the VQGAN tokenizer's under no_grad),
+    counted on the CPU under bf16 autocast with CUDA's rules at two small batches and extrapolated
+    linearly. Backward frees saved tensors as it makes gradients, so its peak is about the
+    forward's. Not counted: allocator caching and fragmentation, cuDNN / NCCL workspaces, hence
+    the 10% margin of the last column."""
     gib, tmp = 2 ** 30, tempfile.mkdtemp()
     print(f"\npeak memory per GPU at the defaults (bf16, CUDA's autocast rules, counted on the CPU)")
     print(f"{'method':<12} {'batch':>5} {'params+grads+AdamW':>19} {'frozen':>7} {'saved act.':>10} {'largest temp.':>13} "
@@ -222,8 +232,7 @@ def bench_memory(args):
     torch.nn.functional.group_norm = fp32_norms(real_group_norm := torch.nn.functional.group_norm)
     try:
         for name in args.methods:
-            module = importlib.import_module(name)
-            batch_size = module.get_args(['--data', 'synthetic']).batch_size
+            batch_size = default_batch(name, tmp)
             # the paper's parts at ViT-B; --device cuda: frozen teachers cast to bf16 as a CUDA run does
             utils.METHOD_FLAGS[name] = lambda t, a, name=name: method_flags(name, VIT_B, t, a) + ['--device', 'cuda']
             counts = []
@@ -231,11 +240,12 @@ def bench_memory(args):
                 torch.manual_seed(0)
                 model, batch = utils.method_setup(name, 'vit_base', 224, 16, b, tmp)
                 counts.append(forward_memory(model, common.to_device(batch, torch.device('cpu'))))
-            (s2, t2), (s3, t3) = counts
-            saved, temp = s2 + (s3 - s2) * (batch_size - 2), t2 + (t3 - t2) * (batch_size - 2)
+            (s2, p2), (s3, p3) = counts
+            saved, peak = s2 + (s3 - s2) * (batch_size - 2), p2 + (p3 - p2) * (batch_size - 2)
+            temp = max(0, peak - saved)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             frozen = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.requires_grad)
-            total = 16 * trainable + frozen + saved + temp
+            total = 16 * trainable + frozen + saved + temp  # float32 weights, gradients, AdamW's two moments
             print(f"{name:<12} {batch_size:5d} {16 * trainable / gib:19.2f} {frozen / gib:7.2f} {saved / gib:10.2f} "
                   f"{temp / gib:13.2f} {total / gib:9.1f} {'yes' if 1.1 * total < 80 * gib else 'NO':>10}", flush=True)
             del model, batch
