@@ -690,8 +690,8 @@ def renormalize(x, mean, std):
 
 
 # Colour augmentations (MaskDistill's jitter, LUT's second view), batch-wise on the device. The data
-# workers only draw each image's parameters (jitter_params, lut_view2_params: the same draws, in the
-# same order, as torchvision's PIL transforms) and ship them beside the uint8 crop; the step applies
+# workers only draw each image's parameters (jitter_params, lut_view2_params: the NumPy draws of the
+# PIL transforms these replace, in their order) and ship them beside the uint8 crop; the step applies
 # them to the whole batch with static shapes. Each op is PIL's formula, computed in float on [0, 1]
 # pixels: ImageEnhance blends, convert('L') luma, the HSV round trip, ImageOps.solarize, GaussianBlur.
 

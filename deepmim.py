@@ -132,7 +132,7 @@ class DeepMIM(common.VisionTransformer):
             self.teacher, proj = teacher
             self.teacher_proj = nn.Parameter(proj, requires_grad=False)  # [W, 512], used as x @ proj
             if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda') and args.precision in (None, 'bf16'):
-                self.teacher.to(torch.bfloat16)  # once: autocast re-casts frozen weights at every step (it caches trainable ones only)
+                self.teacher.to(torch.bfloat16)  # once: autocast would re-cast frozen weights every step (it caches trainable ones)
                 self.teacher_proj.data = self.teacher_proj.data.to(torch.bfloat16)
         self.alphas = (1.0,) * (len(self.taps) + 1)  # plain DeepMIM: alpha = 1, raw pixels for all (Sec. 3)
         if args.hybrid_mae:

@@ -160,7 +160,7 @@ class MaskDistill(common.VisionTransformer):
         nn.init.trunc_normal_(self.mask_token, std=.02)  # BEiT's init
         self.teacher = load_teacher(args, self.patch_embed.grid)
         if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda') and args.precision in (None, 'bf16'):
-            self.teacher.to(torch.bfloat16)  # once: autocast re-casts frozen weights at every step (its cache holds trainable ones only)
+            self.teacher.to(torch.bfloat16)  # once: autocast would re-cast frozen weights every step (it caches trainable ones)
         self.head_distill = nn.Linear(width, self.teacher.out_dim)  # the FC MIM head (Tab. 1)
         nn.init.trunc_normal_(self.head_distill.weight, std=.02)
         nn.init.zeros_(self.head_distill.bias)
