@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 
@@ -788,65 +788,111 @@ def renormalize(x, mean, std):
     return torch.stack([x[:, c] * (IMAGENET_STD[c] / std[c]) + (IMAGENET_MEAN[c] - mean[c]) / std[c] for c in range(3)], 1)
 
 
-# Photometric augmentations (MaskDistill's colour jitter, LUT's second view, RandAugment)
+# Colour augmentations (MaskDistill's jitter, LUT's second view), batch-wise on the device. The data
+# workers only draw each image's parameters (jitter_params, lut_view2_params: the NumPy draws of the
+# PIL transforms these replace, in their order) and ship them beside the uint8 crop; the step applies
+# them to the whole batch with static shapes. Each op is PIL's formula, computed in float on [0, 1]
+# pixels: ImageEnhance blends, convert('L') luma, the HSV round trip, ImageOps.solarize, GaussianBlur.
 
 BICUBIC = Image.Resampling.BICUBIC
 GRAY = (128, 128, 128)  # fill for pixels uncovered by geometric ops
 
 
-def _shift_hue(img, hue):
-    """Rotate the PIL HSV hue channel (0..255) by hue*255, wrapping like uint8."""
-    if img.mode == 'L':  # no hue to shift in a gray image (as torchvision)
-        return img
-    h, s, v = img.convert('HSV').split()
-    h = (np.asarray(h, dtype=np.int32) + round(hue * 255)) % 256
-    return Image.merge('HSV', (Image.fromarray(h.astype(np.uint8)), s, v)).convert(img.mode)
-
-
-def color_jitter(rng, img, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
-    """torchvision ColorJitter: factors ~ U[1-b, 1+b], hue ~ U[-h, h], random op order."""
-    ops = []
-    if brightness > 0:
-        f = rng.uniform(max(0.0, 1 - brightness), 1 + brightness)
-        ops.append(lambda im, f=f: ImageEnhance.Brightness(im).enhance(f))
-    if contrast > 0:  # ImageEnhance blends towards the mean of the grayscale image
-        f = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
-        ops.append(lambda im, f=f: ImageEnhance.Contrast(im).enhance(f))
-    if saturation > 0:
-        f = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
-        ops.append(lambda im, f=f: ImageEnhance.Color(im).enhance(f))
+def jitter_params(rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    """torchvision ColorJitter's draws: factors ~ U[1-s, 1+s], hue shift ~ U[-h, h], then a random
+    order of the ops that are on (they do not commute: the order adds diversity). Returns float32 [8]:
+    the factors (brightness, contrast, saturation, hue; identity for ops that are off), then the op
+    ids 0-3 in the order to apply them, ops that are off last."""
+    factors, on = [1.0, 1.0, 1.0, 0.0], []
+    for i, s in enumerate((brightness, contrast, saturation)):
+        if s > 0:
+            factors[i] = rng.uniform(max(0.0, 1 - s), 1 + s)
+            on.append(i)
     if hue > 0:
-        f = rng.uniform(-hue, hue)
-        ops.append(lambda im, f=f: _shift_hue(im, f))
-    # the ops do not commute, so a random order (torchvision) adds diversity
-    for i in rng.permutation(len(ops)):
-        img = ops[i](img)
-    return img
+        factors[3] = rng.uniform(-hue, hue)
+        on.append(3)
+    order = [on[i] for i in rng.permutation(len(on))] + [i for i in range(4) if i not in on]
+    return np.array(factors + order, np.float32)
 
 
-def grayscale(img):
-    """Luma gray replicated to 3 channels, so downstream shapes are unchanged."""
-    return img.convert('L').convert('RGB')
+def lut_view2_params(rng):
+    """LUT's view 2 (Sec. 5.1.2): jitter (0.4, 0.4, 0.2, 0.1) w.p. 0.8, then exactly one of grayscale,
+    solarize, blur (sigma ~ U[0.1, 2], SimCLR / BYOL), chosen uniformly instead of BYOL's independent
+    coins. Returns float32 [10]: jitter_params (identity when skipped), the op (0 gray, 1 solarize,
+    2 blur) and sigma."""
+    jitter = jitter_params(rng, 0.4, 0.4, 0.2, 0.1) if rng.random() < 0.8 else np.array([1, 1, 1, 0, 0, 1, 2, 3], np.float32)
+    k = rng.integers(3)
+    return np.append(jitter, [k, rng.uniform(0.1, 2.0) if k == 2 else 0.0]).astype(np.float32)
 
 
-def solarize(img, threshold=128):
-    """Invert every pixel value >= threshold (BYOL uses 128 on the 0..255 scale)."""
-    return ImageOps.solarize(img, threshold)
+def unnormalize(x):
+    """ImageNet-normalized [B, 3, H, W] -> pixels in [0, 1] (Python-number constants: no device copy)."""
+    return renormalize(x, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
-def gaussian_blur(rng, img, sigma=(0.1, 2.0)):
-    """Gaussian blur with sigma ~ U[0.1, 2.0] (SimCLR / BYOL); PIL's radius is the std."""
-    return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*sigma)))
+def renormalize_unit(x):
+    """Pixels in [0, 1] [B, 3, H, W] -> ImageNet-normalized."""
+    return torch.stack([(x[:, c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for c in range(3)], 1)
 
 
-def lut_view2(rng, img):
-    """LUT view-2 photometric aug (LUT Sec. 5.1.2): p=0.8 jitter, then gray/solarize/blur."""
-    if rng.random() < 0.8:  # jitter strengths as in BYOL: (0.4, 0.4, 0.2, 0.1)
-        img = color_jitter(rng, img, 0.4, 0.4, 0.2, 0.1)
-    k = rng.integers(3)  # exactly one of the three, uniformly, instead of BYOL's independent coins
-    if k == 0:
-        return grayscale(img)
-    return solarize(img) if k == 1 else gaussian_blur(rng, img)
+def luma(x):
+    """PIL's convert('L') (ITU-R 601-2): [B, 3, H, W] -> [B, 1, H, W]."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def shift_hue(x, shift):
+    """PIL's HSV round trip with the hue byte (0..255 for the whole wheel) moved by `shift` [B] and
+    wrapped like uint8 (at 256), as torchvision's PIL adjust_hue. x: [B, 3, H, W] in [0, 1]."""
+    v, m = x.amax(1), x.amin(1)  # [B, H, W]
+    c = v - m
+    s = torch.where(v > 0, c / v.clamp(min=1e-12), 0.0)
+    r, g, b = ((v - x[:, i]) / c.clamp(min=1e-12) for i in range(3))  # distance to the max, in chroma units
+    h = torch.where(x[:, 0] == v, b - g, torch.where(x[:, 1] == v, 2 + r - b, 4 + g - r))  # sextants, [-1, 5)
+    h6 = ((h / 6 % 1) * 255 + shift.view(-1, 1, 1)) % 256 * (6 / 255)  # shifted hue, in sextants
+    # HSV -> RGB: channel n (5 red, 3 green, 1 blue) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    return torch.stack([v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1) for k in ((n + h6) % 6 for n in (5, 3, 1))], 1)
+
+
+def color_jitter(x, params, hue=True):
+    """x: [B, 3, H, W] pixels in [0, 1]; params: [B, 8] from jitter_params. Each image gets its own
+    factors in its own order. Brightness, contrast and saturation blend toward black, the mean luma and
+    the luma (ImageEnhance); each op clips to [0, 1] as PIL's uint8 does. hue=False skips the hue
+    op (when the jitter has none) to save its cost."""
+    for j in range(4 if hue else 3):
+        op = params[:, 4 + j].view(-1, 1, 1, 1)  # [B, 1, 1, 1], the op id at position j
+        f = params[:, :4].gather(1, params[:, 4 + j:5 + j].long()).view(-1, 1, 1, 1)  # its factor
+        gray = luma(x)
+        base = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
+        blend = (base + f * (x - base)).clamp(0, 1)
+        x = torch.where(op == 3, shift_hue(x, torch.round(f.view(-1) * 255)), blend) if hue else blend
+    return x
+
+
+def solarize(x, threshold=128):
+    """ImageOps.solarize: invert every pixel >= threshold (BYOL: 128 of 255). x in [0, 1]."""
+    return torch.where(x >= (threshold - 0.5) / 255, 1 - x, x)
+
+
+def gaussian_blur(x, sigma, radius=6):
+    """ImageFilter.GaussianBlur(sigma) per image: x [B, C, H, W]; sigma [B] (0: unchanged). A separable
+    kernel of 2 radius + 1 taps (3 sigma at the largest sigma, 2), edges replicated as PIL does."""
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    w = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3)[:, None]) ** 2)  # [B, K]; sigma 0 -> the identity
+    w = (w / w.sum(1, keepdim=True)).view(-1, 1, 1, 2 * radius + 1)  # [B, 1, 1, K]
+    H, W = x.shape[-2:]
+    x = F.pad(x, (radius, radius, 0, 0), mode='replicate')  # shifted slices, not a conv: no autocast, no bf16
+    x = sum(w[..., k:k + 1] * x[..., k:k + W] for k in range(2 * radius + 1))  # [B, C, H, W]
+    x = F.pad(x, (0, 0, radius, radius), mode='replicate')
+    return sum(w[..., k:k + 1] * x[..., k:k + H, :] for k in range(2 * radius + 1))
+
+
+def lut_view2(img, params):
+    """LUT's view-2 colour augmentation on the device: img ImageNet-normalized [B, 3, H, W]; params
+    [B, 10] from lut_view2_params. Returns the augmented view, ImageNet-normalized."""
+    x = color_jitter(unnormalize(img), params[:, :8])
+    k = params[:, 8].view(-1, 1, 1, 1)
+    x = torch.where(k == 0, luma(x).expand_as(x), torch.where(k == 1, solarize(x), gaussian_blur(x, params[:, 9])))
+    return renormalize_unit(x)
 
 
 # RandAugment, timm 'rand-m9-mstd0.5-inc1' (MAE / BEiT fine-tuning)
@@ -906,23 +952,29 @@ def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):
 
 # Tensor-level augmentations (fine-tuning, SupMIM)
 
-def random_erasing(rng, x, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
-    """timm RandomErasing, MAE fine-tune (reprob 0.25, pixel, recount 1), on normalized [C,H,W]."""
-    if rng.random() >= p:  # note: erases in place, like timm
-        return x
-    C, H, W = x.shape
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
-    for _ in range(10):
-        area = rng.uniform(*scale) * H * W
-        r = math.exp(rng.uniform(*log_r))
-        h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
-        if h < H and w < W:
-            top, left = rng.integers(H - h + 1), rng.integers(W - w + 1)
-            # the input is already normalized, so N(0, 1) noise matches the data scale
-            noise = torch.from_numpy(rng.standard_normal((C, h, w), dtype=np.float32))
-            x[:, top:top + h, left:left + w] = noise.to(x.dtype)
-            break
-    return x
+def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
+    """timm RandomErasing's box (MAE fine-tune: reprob 0.25, mode 'pixel', one box) in an image of
+    `size` (H, W): int64 [4] (top, left, h, w), zeros when the image is not erased. The workers draw
+    it; `erase` fills it on the device, so the images travel as uint8."""
+    H, W = size
+    if rng.random() < p:
+        log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
+        for _ in range(10):
+            area = rng.uniform(*scale) * H * W
+            r = math.exp(rng.uniform(*log_r))
+            h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+            if h < H and w < W:
+                return np.array([rng.integers(H - h + 1), rng.integers(W - w + 1), h, w], np.int64)
+    return np.zeros(4, np.int64)
+
+
+def erase(x, box):
+    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized
+    images x [B, C, H, W]."""
+    rows, cols = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
+    top, left, h, w = (v[:, None] for v in box.unbind(1))  # [B, 1] each
+    inside = ((rows >= top) & (rows < top + h))[:, None, :, None] & ((cols >= left) & (cols < left + w))[:, None, None, :]
+    return torch.where(inside, torch.randn_like(x), x)  # [B, C, H, W]
 
 
 def mixup_cutmix(rng, x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,

@@ -131,6 +131,9 @@ class DeepMIM(common.VisionTransformer):
         if teacher:
             self.teacher, proj = teacher
             self.teacher_proj = nn.Parameter(proj, requires_grad=False)  # [W, 512], used as x @ proj
+            if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda') and args.precision in (None, 'bf16'):
+                self.teacher.to(torch.bfloat16)  # once: autocast would re-cast frozen weights every step (it caches trainable ones)
+                self.teacher_proj.data = self.teacher_proj.data.to(torch.bfloat16)
         self.alphas = (1.0,) * (len(self.taps) + 1)  # plain DeepMIM: alpha = 1, raw pixels for all (Sec. 3)
         if args.hybrid_mae:
             self.hybrid_mae, self.alphas = load_hybrid_mae(args), hybrid_alphas(args)
@@ -182,7 +185,8 @@ class DeepMIM(common.VisionTransformer):
                 size = self.teacher.patch_embed.grid[0] * self.teacher.patch_size
                 if x.shape[-1] != size:  # same grid, other patch size: resize for the teacher
                     x = F.interpolate(x, size=(size, size), mode='bicubic', align_corners=False)
-                t = self.teacher.forward_features(x)[:, 1:] @ self.teacher_proj.to(x.dtype)  # ln_post then proj: [B, L, 512]
+                t = self.teacher.forward_features(x.to(self.teacher_proj.dtype))[:, 1:]  # after ln_post: [B, L, W]
+                t = t.to(self.teacher_proj.dtype) @ self.teacher_proj  # proj: [B, L, 512]
             return [t] * len(self.alphas)
         x = common.patchify(img, self.patch_size)  # [B, L, p*p*3] ImageNet-normalized pixels
         if self.hybrid_mae is None:

@@ -430,12 +430,11 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 def finetune_transform(args):
     """timm's create_transform as MAE fine-tunes: RandomResizedCrop (scale .08-1, bicubic), flip,
-    RandAugment, normalize, RandomErasing."""
+    RandAugment; normalize and RandomErasing on the device (the box drawn here), so that images travel as uint8."""
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
         img = common.rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
-        x = common.normalize(common.to_tensor(img)[None])[0]  # [3, H, W]; erasing draws N(0, 1) noise: normalize first
-        return {'img': common.random_erasing(rng, x, args.reprob)}
+        return {'img': common.to_tensor(img), 'erase': common.erasing_box(rng, (args.img_size,) * 2, args.reprob)}
     return transform
 
 
@@ -506,7 +505,8 @@ def finetune(args):
                 group['lr'] = lr * group['lr_scale']
             for micro in range(args.accum_iter):
                 batch = common.to_device(next(batches), device)
-                img, target = finetune_batch(rng, prepare(vit, batch['img']), batch['label'], num_classes, args)
+                img = prepare(vit, common.erase(batch['img'], batch['erase']))  # erasing noise is N(0, 1) in ImageNet's normalization
+                img, target = finetune_batch(rng, img, batch['label'], num_classes, args)
                 sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
                 with (nullcontext() if sync else model.no_sync()), amp:
                     loss = common.soft_target_cross_entropy(model(img), target)

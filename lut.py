@@ -241,6 +241,8 @@ class LUT(common.VisionTransformer):
 
     def forward(self, batch):
         img1, img2 = batch['img'], batch['img2']  # [B, 3, H, W] each; view 2 is the colour-augmented one
+        if 'view2' in batch:  # its colour augmentations, drawn by the data workers, applied here on the device
+            img2 = common.lut_view2(img2, batch['view2'])
         B = img1.shape[0]
         (ids1, mask1, restore1), (ids2, _, restore2) = two_view_masking(
             torch.rand(B, self.num_patches, device=img1.device), self.mask_ratio)
@@ -347,7 +349,8 @@ def simple_resized_crop(rng, img, size, pad=4):
 
 def train_transform(args):
     """Two views per image (Sec. 3.0.4, 5.1.2), crop and flip drawn independently; view 2 also gets
-    colour jitter (p 0.8) and one of grayscale / solarize / blur (common.lut_view2)."""
+    colour jitter (p 0.8) and one of grayscale / solarize / blur: their parameters are drawn here
+    (common.lut_view2_params) and applied on the device, in forward (common.lut_view2)."""
     def view(rng, img):
         if args.views == 'src':
             return common.hflip(rng, simple_resized_crop(rng, img, args.img_size))
@@ -356,7 +359,8 @@ def train_transform(args):
     def transform(rng, img):
         if args.views == 'src':
             img = resize_short_side(img, args.img_size)  # once for both views (then a no-op in each)
-        return {'img': common.to_tensor(view(rng, img)), 'img2': common.to_tensor(common.lut_view2(rng, view(rng, img)))}
+        return {'img': common.to_tensor(view(rng, img)), 'img2': common.to_tensor(view(rng, img)),
+                'view2': torch.from_numpy(common.lut_view2_params(rng))}
     return transform
 
 

@@ -99,6 +99,7 @@ class Teacher(nn.Module):
         x = common.renormalize(img, self.mean, self.std)  # ImageNet's normalization undone, the teacher's applied
         if x.shape[-1] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bicubic', align_corners=False)
+        x = x.to(self.vit.patch_embed.proj.weight.dtype)  # bf16 when cast for a CUDA run
         tokens, (last,) = self.vit.forward_features(x, taps=(self.vit.depth,))  # after / before the final norm
         t = (tokens if self.ln_post else last)[:, self.vit.num_prefix:]  # [B, L, D]
         return t if self.proj is None else t @ self.proj  # [B, L, E]
@@ -161,12 +162,16 @@ class MaskDistill(common.VisionTransformer):
         self.init_weights('beit')  # Sec. 4.1 follows BEiT v2, whose pretraining code inits so
         self.mask_token = nn.Parameter(common.beit_trunc_normal_(torch.empty(1, 1, width)))
         self.teacher = load_teacher(args, self.patch_embed.grid)
+        if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda') and args.precision in (None, 'bf16'):
+            self.teacher.to(torch.bfloat16)  # once: autocast would re-cast frozen weights every step (it caches trainable ones)
         self.head_distill = nn.Linear(width, self.teacher.out_dim)  # the FC MIM head (Tab. 1), BEiT v2's lm_head init
         common.beit_trunc_normal_(self.head_distill.weight)
         nn.init.zeros_(self.head_distill.bias)
 
     def forward(self, batch):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] ImageNet-normalized; [B, L], 1 = masked
+        if 'jitter' in batch:  # the colour jitter the data workers drew, applied here (teacher and student see it)
+            img = common.renormalize_unit(common.color_jitter(common.unnormalize(img), batch['jitter'], hue=False))
         z = self.forward_features(img, mask=mask, mask_token=self.mask_token)  # [B, 1 + L, D], Eq. (2)
         pred = self.head_distill(z[:, self.num_prefix:])  # [B, L, D_t]
         target = self.teacher(img)  # [B, L, D_t] from the full, unmasked image
@@ -202,15 +207,16 @@ def num_masked(args, grid):
 
 def train_transform(args):
     """RandomResizedCrop + flip + colour jitter 0.4 (Tab. 11; BEiT jitters before the crop, we after
-    it, on fewer pixels), and BEiT's block-wise mask (75 of 196 patches) per image."""
+    it, on fewer pixels: its parameters are drawn here and applied on the device, in forward), and
+    BEiT's block-wise mask (75 of 196 patches) per image."""
     grid = (args.img_size // args.patch_size,) * 2
     count = num_masked(args, grid)
 
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
-        img = common.color_jitter(rng, img, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
+        jitter = common.jitter_params(rng, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
         mask = common.block_mask(rng, grid, count)  # [h, w], 1 = masked
-        return {'img': common.to_tensor(img), 'mask': torch.from_numpy(mask)}
+        return {'img': common.to_tensor(img), 'jitter': torch.from_numpy(jitter), 'mask': torch.from_numpy(mask)}
     return transform
 
 

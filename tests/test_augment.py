@@ -1,13 +1,17 @@
-"""Photometric and batch augmentations in common.py: determinism, ranges, formulas."""
+"""Photometric and batch augmentations in common.py: determinism, ranges, formulas; the device-side
+colour ops against torchvision's PIL ops (the reference pipelines) on the same parameters."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import (RA_OPS, _shift_hue, color_jitter, grayscale, lut_view2,
-                     mixup_cutmix, rand_augment, random_erasing, soft_target_cross_entropy,
-                     solarize)
+import torchvision.transforms.functional as TF
+from PIL import ImageFilter
+
+from common import (RA_OPS, color_jitter, erase, erasing_box, gaussian_blur, jitter_params, luma, lut_view2,
+                    lut_view2_params, mixup_cutmix, rand_augment, renormalize_unit, shift_hue,
+                    soft_target_cross_entropy, solarize, to_tensor, unnormalize)
 
 
 def rand_img(seed=0, size=(48, 40)):
@@ -26,86 +30,138 @@ def arr(img):
 G = np.random.default_rng
 
 
-@pytest.mark.parametrize('fn', [color_jitter, lut_view2, rand_augment])
-def test_determinism(fn):
+def test_rand_augment_determinism():
     img = rand_img()
-    a = fn(G(123), img).tobytes()
-    assert a == fn(G(123), img).tobytes()
-    outs = {fn(G(s), img).tobytes() for s in range(8)}
+    a = rand_augment(G(123), img).tobytes()
+    assert a == rand_augment(G(123), img).tobytes()
+    outs = {rand_augment(G(s), img).tobytes() for s in range(8)}
     assert len(outs) >= 4  # different seeds give different outputs
 
 
-def test_brightness_only_scales_constant_gray():
-    factors = []
+# ---- colour augmentations on the device, against torchvision's PIL ops on the same parameters ----
+
+def photo(seed, size=48):
+    """A smooth random image with pixel noise (flat areas, edges and texture)."""
+    r = G(seed)
+    a = Image.fromarray(r.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    return Image.fromarray((np.asarray(a).astype(np.int16) + r.integers(-20, 21, (size, size, 3))).clip(0, 255).astype(np.uint8))
+
+
+PHOTOS = [photo(s) for s in range(8)]
+
+
+def on_device(fn, params=None):
+    """fn on the batch of PHOTOS as [0, 1] floats; returns [B, 3, H, W] on the 0..255 scale."""
+    x = torch.stack([to_tensor(i) for i in PHOTOS]).float() / 255
+    return (fn(x) * 255).numpy()
+
+
+def with_pil(fn):
+    """fn(i, image) on each of PHOTOS; returns [B, 3, H, W] on the 0..255 scale."""
+    return np.stack([np.asarray(fn(i, im)).transpose(2, 0, 1) for i, im in enumerate(PHOTOS)]).astype(np.float64)
+
+
+def pil_jitter(img, p):
+    """torchvision's PIL ops in the order of p (jitter_params); ops at their identity are skipped."""
+    k = round(float(p[3]) * 255)  # the hue byte shift; torchvision truncates hue * 255, so aim inside the byte
+    ops = [lambda im: TF.adjust_brightness(im, float(p[0])), lambda im: TF.adjust_contrast(im, float(p[1])),
+           lambda im: TF.adjust_saturation(im, float(p[2])), lambda im: TF.adjust_hue(im, (k + 0.1 * np.sign(k)) / 255)]
+    for o in p[4:8].astype(int):
+        if p[o] != (0 if o == 3 else 1):
+            img = ops[o](img)
+    return img
+
+
+def test_jitter_params_are_torchvision_colorjitter_draws_in_the_old_order():
     for s in range(20):
-        out = arr(color_jitter(G(s), const_img(100), 0.4, 0, 0, 0))
-        assert (out == out[0, 0, 0]).all()
-        factors.append(out[0, 0, 0] / 100)
-    assert 0.6 - 0.01 <= min(factors) and max(factors) <= 1.4 + 0.01
-    assert max(factors) - min(factors) > 0.2  # the factor actually varies
+        rng = G(s)  # by hand: brightness, contrast, saturation, hue factors, then a permutation of the ops
+        f = [rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)]
+        np.testing.assert_allclose(jitter_params(G(s), 0.4, 0.4, 0.2, 0.1), f + list(rng.permutation(4)), rtol=1e-6)
+        rng = G(s)  # MaskDistill: no hue, so 3 ops are permuted and hue sits last at its identity
+        f = [rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), 0.0]
+        np.testing.assert_allclose(jitter_params(G(s), 0.4, 0.4, 0.4, 0.0), f + list(rng.permutation(3)) + [3], rtol=1e-6)
 
 
-def test_brightness_factor_matches_rng():
-    out = arr(color_jitter(G(7), const_img(100), 0.4, 0, 0, 0))
-    f = G(7).uniform(0.6, 1.4)
-    assert abs(int(out[0, 0, 0]) - 100 * f) <= 1
-
-
-def test_hue_on_gray_is_identity():
-    ramp = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 4, 0), 3, 2)
-    img = Image.fromarray(ramp)
-    for s in range(5):
-        assert np.array_equal(arr(color_jitter(G(s), img, 0, 0, 0, 0.5)), ramp)
-
-
-def test_hue_changes_colour():
-    img = Image.new('RGB', (8, 8), (200, 50, 50))
-    out = arr(color_jitter(G(0), img, 0, 0, 0, 0.5))
-    assert not np.array_equal(out, arr(img))
-
-
-def test_hue_shift_exact():
-    red = Image.new('RGB', (4, 4), (255, 0, 0))  # PIL HSV hue 0
-    assert arr(_shift_hue(red, 1 / 3))[0, 0].tolist() == [0, 255, 0]  # 85/255 of the wheel
-    # -128 and +128 land on the same hue after uint8 wraparound
-    assert np.array_equal(arr(_shift_hue(red, -128 / 255)), arr(_shift_hue(red, 128 / 255)))
-    for s in range(5):  # jitter draws f ~ U[-h, h] and shifts the hue by round(f*255)
-        h = arr(color_jitter(G(s), red, 0, 0, 0, 0.5).convert('HSV'))[0, 0, 0]
-        exp = round(G(s).uniform(-0.5, 0.5) * 255) % 256
-        assert min(abs(int(h) - exp), 256 - abs(int(h) - exp)) <= 1
-
-
-def test_all_zero_params_is_identity():
-    img = rand_img()
-    assert np.array_equal(arr(color_jitter(G(0), img, 0, 0, 0, 0)), arr(img))
-
-
-def test_grayscale():
-    out = arr(grayscale(rand_img()))
-    assert out.shape[-1] == 3
-    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
-
-
-def test_solarize_exact():
-    v = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    img = Image.fromarray(np.stack([v, v[::-1], v.T], -1))
-    exp = np.where(arr(img) >= 128, 255 - arr(img), arr(img))
-    assert np.array_equal(arr(solarize(img)), exp)
-    exp = np.where(arr(img) >= 200, 255 - arr(img), arr(img))
-    assert np.array_equal(arr(solarize(img, 200)), exp)
-
-
-def test_lut_view2_changes_stats():
-    img = rand_img(1)
-    a = arr(img).astype(np.float64)
-    changed = 0
+def test_lut_view2_params_are_the_old_draws_and_distribution():
     for s in range(20):
-        b = arr(lut_view2(G(s), img)).astype(np.float64)
-        assert b.shape == a.shape
-        dm = np.abs(b.mean((0, 1)) - a.mean((0, 1))).max()
-        ds = np.abs(b.std((0, 1)) - a.std((0, 1))).max()
-        changed += (dm > 1.0) or (ds > 1.0)
-    assert changed >= 16
+        rng, p = G(s), lut_view2_params(G(s))
+        jittered = rng.random() < 0.8
+        if jittered:
+            np.testing.assert_array_equal(p[:8], jitter_params(rng, 0.4, 0.4, 0.2, 0.1))
+        k = rng.integers(3)
+        assert p[8] == k and (p[9] == np.float32(rng.uniform(0.1, 2.0)) if k == 2 else p[9] == 0)
+        assert jittered or list(p[:8]) == [1, 1, 1, 0, 0, 1, 2, 3]
+    p = np.stack([lut_view2_params(G(s)) for s in range(3000)])
+    jittered = (p[:, :4] != [1, 1, 1, 0]).any(1)
+    assert 0.77 < jittered.mean() < 0.83  # p 0.8
+    assert all(0.30 < (p[:, 8] == k).mean() < 0.37 for k in range(3))  # one of three, uniformly
+    sigma = p[p[:, 8] == 2, 9]
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and abs(sigma.mean() - 1.05) < 0.05
+    perms = {}
+    for row in p[jittered, 4:8].astype(int):
+        perms[tuple(row)] = perms.get(tuple(row), 0) + 1
+    assert len(perms) == 24 and min(perms.values()) > 0.6 * jittered.sum() / 24  # every order, about equally often
+
+
+@pytest.mark.parametrize('op,factor', [(0, 0.6), (0, 1.37), (1, 0.6), (1, 1.37), (2, 0.6), (2, 1.4)])
+def test_device_blends_match_pil_within_rounding(op, factor):
+    """Brightness, contrast, saturation: PIL truncates to uint8 (and rounds the contrast mean to an
+    integer): at most 1.25 levels apart."""
+    p = np.array([1, 1, 1, 0, op] + [o for o in range(4) if o != op], np.float32)
+    p[op] = factor
+    got = on_device(lambda x: color_jitter(x, torch.from_numpy(p).expand(len(PHOTOS), 8)))
+    d = np.abs(got - with_pil(lambda i, im: pil_jitter(im, p)))
+    assert d.max() <= 1.25 and d.mean() < 0.5
+
+
+@pytest.mark.parametrize('h', [-0.49, -0.1, 0.03, 0.3, 0.49])
+def test_device_hue_matches_pil_within_its_hsv_bytes(h):
+    """PIL stores H, S, V as bytes (truncated) on the way; the device keeps floats: single pixels
+    of saturated colours move up to ~6 levels, the average well under 1."""
+    p = np.array([1, 1, 1, h, 3, 0, 1, 2], np.float32)
+    d = np.abs(on_device(lambda x: color_jitter(x, torch.from_numpy(p).expand(len(PHOTOS), 8)))
+               - with_pil(lambda i, im: pil_jitter(im, p)))
+    assert d.max() <= 8 and d.mean() < 0.7
+
+
+def test_hue_shift_exact_on_primaries_and_gray():
+    x = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5]]).view(2, 3, 1, 1).expand(2, 3, 2, 2)
+    out = shift_hue(x, torch.tensor([85.0, 85.0]))  # 85 of 256 bytes: red to green (PIL's byte scale)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    assert torch.allclose(out[1], x[1])  # gray has no hue
+    assert torch.allclose(shift_hue(x, torch.tensor([-128.0, -128.0])), shift_hue(x, torch.tensor([128.0, 128.0])), atol=1e-6)
+
+
+def test_device_gray_solarize_blur_match_pil():
+    n = len(PHOTOS)
+    d = np.abs(on_device(lambda x: luma(x).expand_as(x)) - with_pil(lambda i, im: TF.rgb_to_grayscale(im, 3)))
+    assert d.max() <= 0.501  # PIL rounds the luma
+    assert np.abs(on_device(solarize) - with_pil(lambda i, im: TF.solarize(im, 128))).max() < 1e-3  # float rounding only
+    sigmas = torch.tensor([0.1, 0.3, 0.5, 0.8, 1.0, 1.4, 1.7, 2.0])
+    got = on_device(lambda x: gaussian_blur(x, sigmas[:n]))
+    d = np.abs(got - with_pil(lambda i, im: im.filter(ImageFilter.GaussianBlur(float(sigmas[i])))))
+    # PIL approximates the Gaussian by three box blurs; the device convolves with the true one
+    assert d.max() <= 10 and d.mean() < 0.7
+    assert np.abs(got - on_device(lambda x: x)).mean() > 2  # and it does blur
+
+
+def test_device_view2_matches_pil_pipeline_per_image():
+    """Whole LUT view 2 and MaskDistill jitter, each image with its own parameters and op order. Float
+    on the device vs uint8 after every PIL op: small differences, except single pixels near
+    solarize's threshold that one side inverts and the other not."""
+    for seed in range(3):
+        p = np.stack([lut_view2_params(G((seed, i))) for i in range(len(PHOTOS))])
+        got = on_device(lambda x: unnormalize(lut_view2(renormalize_unit(x), torch.from_numpy(p))))
+        last = [lambda im: TF.rgb_to_grayscale(im, 3), lambda im: TF.solarize(im, 128),
+                lambda im, s=0: im.filter(ImageFilter.GaussianBlur(s))]
+        ref = with_pil(lambda i, im: (last[2](pil_jitter(im, p[i]), float(p[i, 9])) if p[i, 8] == 2
+                                      else last[int(p[i, 8])](pil_jitter(im, p[i]))))
+        d = np.abs(got - ref)
+        assert d.mean() < 1.5 and (d > 12).mean() < 0.005, (d.mean(), (d > 12).mean())
+        p = np.stack([jitter_params(G((seed, i)), 0.4, 0.4, 0.4, 0.0) for i in range(len(PHOTOS))])
+        d = np.abs(on_device(lambda x: color_jitter(x, torch.from_numpy(p), hue=False))
+                   - with_pil(lambda i, im: pil_jitter(im, p[i])))
+        assert d.max() <= 5 and d.mean() < 2  # PIL truncates each blend to uint8: about -0.5 level per op
 
 
 def test_rand_augment_output():
@@ -142,20 +198,18 @@ def test_ra_strength_increases():
     assert (t[:, -int(0.45 * img.size[0]) + 1:] == 128).all()
 
 
-def test_random_erasing():
-    x = torch.randn(3, 32, 24)
-    y = random_erasing(G(0), x.clone(), p=0.0)
-    assert torch.equal(y, x)
-    for s in range(10):
-        y = random_erasing(G(s), x.clone(), p=1.0)
-        assert y.shape == x.shape
-        diff = (y != x).any(0)
-        assert diff.any()
-        rows, cols = diff.nonzero(as_tuple=True)
-        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-        area = (h * w).item()
-        assert diff.sum() == area  # a single solid rectangle
-        assert 0.02 * 32 * 24 * 0.8 <= area <= 32 * 24 / 3 * 1.2
+def test_random_erasing_box_and_fill():
+    assert not erasing_box(G(0), (32, 24), p=0.0).any()
+    boxes = np.stack([erasing_box(G(s), (32, 24), p=1.0) for s in range(10)])
+    x = torch.randn(10, 3, 32, 24)
+    y = erase(x, torch.from_numpy(boxes))
+    for b, (top, left, h, w) in zip(range(10), boxes):
+        diff = (y[b] != x[b]).any(0)
+        assert diff.sum() == h * w == diff[top:top + h, left:left + w].sum()  # exactly the box, one rectangle
+        assert 0.02 * 32 * 24 * 0.8 <= h * w <= 32 * 24 / 3 * 1.2
+    fill = y[0][:, boxes[0, 0]:boxes[0, 0] + boxes[0, 2], boxes[0, 1]:boxes[0, 1] + boxes[0, 3]]
+    assert abs(fill.mean()) < 0.3 and 0.7 < fill.std() < 1.3  # N(0, 1): the scale of normalized images
+    assert torch.equal(erase(x, torch.zeros(10, 4, dtype=torch.long)), x)
 
 
 def test_mixup_targets_sum_and_shapes():

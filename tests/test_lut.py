@@ -437,6 +437,8 @@ def test_two_views_differ_and_view2_has_the_colour_augmentations():
         img = images[seed % 8]
         a = transform(np.random.default_rng(seed), img)
         b = transform(np.random.default_rng(10_000 + seed), img)
+        x = common.lut_view2(common.normalize(a['img2'][None]), a['view2'][None])  # as the step applies it
+        a['img2'] = (common.unnormalize(x)[0] * 255).round().to(torch.uint8)
         for v in (a['img'], a['img2']):
             assert v.dtype == torch.uint8 and v.shape == (3, S, S)
         assert not torch.equal(a['img'], a['img2'])
