@@ -40,7 +40,10 @@ def get_args(argv=None):
         min_lr=0.0,                      # paper silent; official config: multistep schedule
         clip_grad=None,                  # paper silent; official config: 5.0
         output_dir='out/simmim')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the shared flags are checked there (common.validate_args)
+    if not 0 < args.mask_ratio < 1:
+        raise common.UsageError(f"--mask-ratio {args.mask_ratio}: must be in (0, 1), the fraction of patches masked")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
