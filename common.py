@@ -59,6 +59,8 @@ def run(main):
     try:
         main()
     except UsageError as e:
+        for sig in STOP_SIGNALS:  # exiting with our code: torchrun's signal to the other ranks must not replace it
+            signal.signal(sig, signal.SIG_IGN)
         msg = str(e).strip()
         if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, not the trace
             msg = msg.splitlines()[-1].split(': ', 1)[-1]
@@ -1217,7 +1219,7 @@ def train(args, model, dataset):
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == 'cuda' else None,
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy in and out
-            broadcast_buffers=False)  # no method trains with buffers that rank 0 would have to impose (BN stats are all-reduced)
+            forward_sync_buffers=False)  # no method trains with buffers that rank 0 would have to impose (BN stats are all-reduced)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
     log_file = open(log_path, 'a') if rank == 0 else None
