@@ -962,9 +962,7 @@ def validate_args(args):
         check(flag, lambda v: 0 <= v < math.inf, 'must be a number >= 0')
     check('--drop-path', lambda v: 0 <= v < 1, 'must be in [0, 1)')
     check('--betas', lambda v: all(0 <= b < 1 for b in v), 'must be two numbers in [0, 1)')
-    if args.img_size % args.patch_size:
-        raise UsageError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
-    return args
+    return args  # (--img-size against --patch-size: the ViT checks it, whose patch size may come from a checkpoint)
 
 
 def setup(args):

@@ -177,7 +177,7 @@ def disk_full():
     ('simmim.py', ['--accum-iter', '0'], 2, '--accum-iter 0: must be at least 1'),
     ('simmim.py', ['--patch-size', '0'], 2, '--patch-size 0: must be at least 1'),
     ('simmim.py', ['--img-size', '0'], 2, '--img-size 0: must be at least 1'),
-    ('simmim.py', ['--img-size', '30'], 2, 'not divisible by --patch-size'),
+    ('simmim.py', ['--img-size', '30'], 2, 'image size 30 is not divisible by patch size 4'),
     ('simmim.py', ['--save-every', '0'], 2, '--save-every 0: must be at least 1'),
     ('simmim.py', ['--num-workers', '-1'], 2, '--num-workers -1: must be 0'),
     ('simmim.py', ['--blr', 'nan'], 2, '--blr nan: must be a positive number'),
