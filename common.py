@@ -7,11 +7,13 @@ this module only holds what all of them need. Conventions used everywhere:
   - checkpoints hold the encoder under timm's ViT names at the top level of 'model'.
 """
 import argparse
+import atexit
 import colorsys
 import errno
 import glob
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -1095,6 +1097,16 @@ def ignore_stop_signals(worker_id):
     run ("DataLoader worker killed by signal"). A worker whose parent dies exits by itself."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def end_workers():
+    """At exit, end the DataLoader workers still running with SIGKILL: they ignore the SIGTERM that
+    multiprocessing ends them with, and it would wait for them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 def make_loader(dataset, args, rank, world, shuffle=True, drop_last=True):
