@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import common
 from utils import ROOT, TINY, free_port, run
