@@ -7,9 +7,13 @@ this module only holds what all of them need. Conventions used everywhere:
   - checkpoints hold the encoder under timm's ViT names at the top level of 'model'.
 """
 import argparse
+import atexit
 import colorsys
+import errno
+import glob
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -30,18 +34,23 @@ from tqdm import tqdm
 class UsageError(Exception):
     """Bad input from the user. Scripts print it as one line and exit with `code`."""
     code = 2
+    agreed = False  # raised by every rank at once: rank 0 alone prints it
 
 
 class NonFiniteLoss(UsageError):
-    code = 3
+    code, agreed = 3, True
 
 
 class Stopped(UsageError):
-    """A stop asked for by SIGTERM/SIGUSR1 (preemption): the checkpoint is saved; not a failure."""
-    code = 0
+    """A stop asked for by a signal (preemption): the checkpoint is saved; not a failure."""
+    code, agreed = 0, True
 
 
-STOP_REQUESTS = []  # signal numbers received; the loop stops at the next step boundary
+# SLURM sends SIGTERM (or SIGUSR1 with --signal) to every process of the job; torchrun forwards
+# what its --signals-to-handle lists; SIGINT is Ctrl-C and SIGHUP a closed terminal
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+STOP_REQUESTS = []  # signal numbers received; the loop stops at a step boundary all ranks agree on
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def request_stop(signum=None, frame=None):
@@ -49,15 +58,24 @@ def request_stop(signum=None, frame=None):
 
 
 def run(main):
-    """Call main(); report a UsageError as one line on stderr instead of a traceback."""
+    """Call main(); report a UsageError, or a failed write (disk full, read-only), as one line on
+    stderr instead of a traceback."""
     try:
         main()
     except UsageError as e:
+        for sig in STOP_SIGNALS:  # exiting with our code: torchrun's signal to the other ranks must not replace it
+            signal.signal(sig, signal.SIG_IGN)
         msg = str(e).strip()
         if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, not the trace
             msg = msg.splitlines()[-1].split(': ', 1)[-1]
-        print(f"error: {msg}" if e.code else msg, file=sys.stderr)
+        if not e.agreed or int(os.environ.get('RANK', 0)) == 0:
+            print(f"error: {msg}" if e.code else msg, file=sys.stderr)
         sys.exit(e.code)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"error: cannot write {e.filename or 'to --output-dir'}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -640,7 +658,10 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index):
-        return Image.open(self.samples[index][0])  # lazy: the transform may ask for a reduced JPEG decode
+        img = Image.open(self.samples[index][0])  # lazy: the transform may ask for a reduced JPEG decode
+        if img.mode in ('I', 'I;16', 'I;16B', 'I;16L'):  # 16-bit gray (PNG): convert('RGB') would clip it to white
+            img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+        return img
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -1024,10 +1045,26 @@ def build_dataset(args, transform, split='train'):
 # ----------------------------------------------------------------------------------------------
 # Command line shared by the five scripts
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) whose parse_args also checks the shared flags' ranges."""
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        return validate_args(super().parse_args(args, namespace))
+
+
+def default_workers():
+    """Data loading processes per training process: this node's cores (those this job may use)
+    shared among the processes torchrun starts on it, at most 12 (more rarely helps), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(12, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
 def get_parser(doc):
     """The flags every script shares; each script adds its method's flags and sets the paper's
-    values as defaults with parser.set_defaults(...)."""
-    p = argparse.ArgumentParser(description=doc.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    values as defaults with parser.set_defaults(...), then checks its own flags' ranges."""
+    p = Parser(description=doc.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--data', required=True, help="ImageFolder root (DIR/train, DIR/val or DIR/CLASS/*.jpg) or 'synthetic'")
     a('--output-dir', default='output', help='where checkpoint.pth and log.jsonl go')
@@ -1046,7 +1083,7 @@ def get_parser(doc):
     a('--betas', type=float, nargs=2, default=(0.9, 0.999))
     a('--clip-grad', type=float, default=None, help='max gradient norm (off when not given)')
     a('--drop-path', type=float, default=0.0)
-    a('--num-workers', type=int, default=min(8, os.cpu_count() or 1), help='data loading processes per GPU')
+    a('--num-workers', type=int, default=default_workers(), help='data loading processes per GPU (default: cores / GPUs of the node)')
     a('--seed', type=int, default=0)
     a('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pth')
     a('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default: on for CUDA)')
@@ -1057,13 +1094,34 @@ def get_parser(doc):
     a('--peak-tflops', type=float, default=None, help='per-device peak for MFU (default: 989, H100 bf16 dense)')
     a('--synthetic-size', type=int, default=10000, help='images in --data synthetic (train; val gets a quarter)')
     a('--strict-data', action='store_true', help='stop at the first unreadable or non-image file instead of skipping it')
-    a('--skip-nonfinite', action='store_true', help='skip steps whose loss is not finite instead of stopping (a host sync per step)')
+    a('--skip-nonfinite', action='store_true', help='skip steps whose gradients are not finite instead of stopping (a host sync per step)')
     return p
+
+
+def validate_args(args):
+    """The shared flags' ranges, checked once after parsing: a bad value stops the run at once with
+    one line (exit 2), never with a traceback or a run that trains on nonsense."""
+    def check(flag, ok, want):
+        v = getattr(args, flag[2:].replace('-', '_'))
+        if v is not None and not ok(v):
+            raise UsageError(f"{flag} {v}: {want}")
+    for flag in ('--img-size', '--patch-size', '--batch-size', '--accum-iter', '--epochs', '--log-every',
+                 '--save-every', '--synthetic-size'):
+        check(flag, lambda v: v >= 1, 'must be at least 1')
+    check('--num-workers', lambda v: v >= 0, 'must be 0 (load in the main process) or more')
+    for flag in ('--blr', '--lr', '--clip-grad'):
+        check(flag, lambda v: 0 < v < math.inf, 'must be a positive number')
+    for flag in ('--warmup-epochs', '--warmup-steps', '--min-lr', '--weight-decay'):
+        check(flag, lambda v: 0 <= v < math.inf, 'must be a number >= 0')
+    check('--drop-path', lambda v: 0 <= v < 1, 'must be in [0, 1)')
+    check('--betas', lambda v: all(0 <= b < 1 for b in v), 'must be two numbers in [0, 1)')
+    return args  # (--img-size against --patch-size: the ViT checks it, whose patch size may come from a checkpoint)
 
 
 def setup(args):
     """Processes, device, precision and seeds. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without
     them this is one plain process. Returns (rank, world_size, device)."""
+    validate_args(args)  # again for parsers built elsewhere from these flags (evaluate.py finetune)
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(f'cuda:{local}' if args.device == 'cuda' else args.device)
@@ -1072,8 +1130,6 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 per process (got {args.batch_size})")
     args.precision = args.precision or ('bf16' if device.type == 'cuda' else 'fp32')
     args.compile = device.type == 'cuda' if args.compile is None else args.compile
     args.peak_tflops = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == 'cuda' else 0.0)
@@ -1109,16 +1165,60 @@ def get_lr(step, total_steps, warmup_steps, lr, min_lr, warmup_lr=0.0, milestone
 
 def save_checkpoint(obj, path):
     """Atomic write: a temporary file, fsync, then rename over `path`, so a kill at any moment
-    leaves either the previous checkpoint or the new one, never a torn file."""
+    leaves either the previous checkpoint or the new one, never a torn file. A failed write (disk
+    full) removes its temporary file and leaves the previous checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        err = e if isinstance(e, OSError) else e.__context__  # torch's zip writer wraps the failed write's OSError
+        if not isinstance(err, OSError):
+            raise
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UsageError(f"cannot write {path} ({err.strerror}): it is left as it was; make room, "
+                         "then rerun with --resume") from None
     os.replace(tmp, path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(fd)  # make the rename itself durable
     os.close(fd)
+
+
+def prepare_output_dir(out, ckpt_path, rank):
+    """Create --output-dir and make sure it takes files before any training time is spent; rank 0
+    removes the temporary files of a process killed while saving (checkpoint.pth.tmpPID)."""
+    probe = os.path.join(out, f'.write_test{os.getpid()}')
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        why = 'a file' if os.path.isfile(out) else e.strerror
+        raise UsageError(f"--output-dir {out}: cannot write there ({why}): choose another directory") from None
+    if rank == 0:
+        for tmp in glob.glob(glob.escape(ckpt_path) + '.tmp*'):
+            os.remove(tmp)
+
+
+def truncate_log(path, step):
+    """Drop the rows of log.jsonl written after `step` (a resumed run repeats those steps) and a
+    line torn by a kill, through a temporary file as the checkpoint."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get('step', 0) <= step:  # the arguments' rows have no step: kept
+            keep.append(line.rstrip('\n') + '\n')
+    with open(f"{path}.tmp", 'w') as f:
+        f.writelines(keep)
+    os.replace(f"{path}.tmp", path)
 
 
 def model_state(model):
@@ -1147,24 +1247,57 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave stop signals to the main process, which saves and then ends them;
+    a signal sent to the whole process group would otherwise kill a worker first and with it the
+    run ("DataLoader worker killed by signal"). A worker whose parent dies exits by itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def end_workers():
+    """At exit, end the DataLoader workers still running with SIGKILL: they ignore the SIGTERM that
+    multiprocessing ends them with, and it would wait for them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker failure
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
 def make_loader(dataset, args, rank, world, shuffle=True, drop_last=True):
     sampler = EpochSampler(len(dataset), rank, world, args.seed, shuffle)
     workers = args.num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=args.device == 'cuda', drop_last=drop_last,
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                       worker_init_fn=ignore_stop_signals)
 
 
-def stop_requested(world, step, every):
-    """Whether to stop now. One process: as soon as a signal came. Several: all ranks agree, checked
-    every `every` steps only, since the all-reduce waits for the device (a host sync)."""
-    if world == 1:
-        return bool(STOP_REQUESTS)
-    if step % every:
-        return False
-    flag = torch.tensor(float(bool(STOP_REQUESTS)), device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+class StopVote:
+    """Whether to stop now, the same answer on every rank. One process: as soon as a signal came.
+    Several: each step launches an asynchronous all-reduce (max) of this rank's flag and reads the
+    one launched two steps earlier, long finished: all ranks stop at the same step, two steps after
+    the first signal on any of them, and the host never waits for the current step's device work."""
+    def __init__(self, world, device, lag=2):
+        self.world, self.device, self.lag, self.pending = world, device, lag, []
+
+    def __call__(self):
+        if self.world == 1:
+            return bool(STOP_REQUESTS)
+        flag = torch.full((), float(bool(STOP_REQUESTS)), device=self.device)  # a fill, not a host-to-device copy
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == 'cuda':
+            work.wait()  # NCCL: the stream waits for the all-reduce, the host does not
+            flag = flag.to('cpu', non_blocking=True)  # into pinned memory, when the stream gets there
+            work = torch.cuda.Event()
+            work.record()
+        self.pending.append((work, flag))
+        if len(self.pending) <= self.lag:
+            return False
+        work, flag = self.pending.pop(0)
+        work.synchronize() if isinstance(work, torch.cuda.Event) else work.wait()
+        return flag.item() > 0
 
 
 def to_device(batch, device):
@@ -1176,11 +1309,39 @@ def to_device(batch, device):
     return out
 
 
+def device_batches(batches, device):
+    """to_device over an iterator of host batches. On CUDA the next batch is copied (and normalized)
+    on a side stream while the current one trains, so the copy never waits behind the step."""
+    if device.type != 'cuda':
+        yield from (to_device(b, device) for b in batches)
+        return
+    stream, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    nxt = None
+    for b in batches:
+        with torch.cuda.stream(stream):
+            b = to_device(b, device)
+        if nxt is not None:
+            yield nxt
+        main.wait_stream(stream)  # the batch is there before the step uses it
+        for v in b.values():
+            v.record_stream(main)  # its memory is not reused before the main stream is done with it
+        nxt = b
+    if nxt is not None:
+        yield nxt
+
+
+# flags whose change on --resume changes the schedule or the data a run sees: named when they differ
+RESUME_FLAGS = ('data', 'synthetic_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'blr', 'lr', 'min_lr', 'batch_size',
+                'accum_iter', 'world_size', 'weight_decay', 'betas', 'clip_grad', 'seed')
+
+
 def train(args, model, dataset):
     """Pretrain `model` on `dataset`. The model protocol: `loss, logs = model(batch)` with batch a
     dict of device tensors; `model.flops_per_image()` (training FLOPs, for MFU); optionally
     `model.after_step(step, total_steps)` called after every optimizer step (EMA teachers)."""
     rank, world, device = setup(args)
+    ckpt_path, step = os.path.join(args.output_dir, 'checkpoint.pth'), 0
+    prepare_output_dir(args.output_dir, ckpt_path, rank)
     model.to(device)
     eff_batch = args.batch_size * args.accum_iter * world
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
@@ -1195,9 +1356,10 @@ def train(args, model, dataset):
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path, step = os.path.join(args.output_dir, 'checkpoint.pth'), 0
-    if args.resume and os.path.isfile(ckpt_path):
+    log_path = os.path.join(args.output_dir, 'log.jsonl')
+    if os.path.isfile(ckpt_path):
+        if not args.resume:
+            raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output-dir")
         ckpt = read_checkpoint(ckpt_path)
         own, frozen = model.state_dict(), tuple(getattr(model, 'frozen_prefixes', ())) or ('\0',)
         bad = [k for k, v in ckpt['model'].items() if k not in own or own[k].shape != v.shape]
@@ -1209,15 +1371,24 @@ def train(args, model, dataset):
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         step = ckpt['step']
-    elif os.path.isfile(ckpt_path):
-        raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output-dir")
+        changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in RESUME_FLAGS  # JSON: (a, b) == [a, b]
+                   if k in ckpt['args'] and json.dumps(ckpt['args'][k]) != json.dumps(getattr(args, k))]
+        if changed and rank == 0:
+            print(f"warning: resuming step {step} with changed flags: {', '.join(changed)}", file=sys.stderr)
+        if rank == 0:
+            truncate_log(log_path, step)
+    elif args.resume and rank == 0:  # the usual first launch of a job script that always passes --resume
+        print(f"--resume: no checkpoint in {args.output_dir} yet, starting from step 0", file=sys.stderr)
 
     train_model = torch.compile(model) if args.compile else model  # compile before the DDP wrap
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None,
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy in and out
+            forward_sync_buffers=False)  # no method trains with buffers that rank 0 would have to impose (BN stats are all-reduced)
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
-    log_file = open(os.path.join(args.output_dir, 'log.jsonl'), 'a') if rank == 0 else None
+    log_file = open(log_path, 'a') if rank == 0 else None
     if rank == 0:
         print(f"lr {args.lr:.3g} = blr {args.blr:.3g} x effective batch {eff_batch} / 256 | "
               f"{total_steps} steps, {warmup_steps} warmup | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable params")
@@ -1225,16 +1396,31 @@ def train(args, model, dataset):
         log_file.write(json.dumps({'args': vars(args)}) + '\n')
     flops = model.flops_per_image()
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, leave=False)
-    sums, bad_step, t0, t0_step = {}, torch.full((), -1, device=device), time.perf_counter(), step
+    # a bar on a terminal only: in a log file its carriage returns make one line of megabytes
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    # first step whose loss was not finite on this rank, total_steps if none: kept on the device (no host sync)
+    sums, bad_step, t0, t0_step = {}, torch.full((), total_steps, device=device), time.perf_counter(), step
     model.train()
     STOP_REQUESTS.clear()
-    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # preemption
+    stop_vote = StopVote(world, device)
+    handlers = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}  # preemption
+
+    def check_finite(weights=False):
+        """Stop every rank (exit 3) if any rank's loss was non-finite, or (`weights`) the weights are:
+        a host sync and, under DDP, an all-reduce, so only where the loop already waits."""
+        first = bad_step.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = first.item()
+        what = f"loss became non-finite at step {first}" if first < total_steps else None
+        if weights and what is None and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+            what = f"weights became non-finite by step {step}"
+        if what:
+            kept = f"{ckpt_path} keeps the last good state" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise NonFiniteLoss(f"{what}; {kept} (lower --lr, set --clip-grad, or use --precision bf16)")
 
     def save(epoch):
-        if bad_step.item() >= 0:  # never overwrite the last good checkpoint with a diverged model
-            raise NonFiniteLoss(f"loss became non-finite at step {bad_step.item()}; {ckpt_path} keeps the last good state "
-                                "(lower --lr, set --clip-grad, or use --precision bf16)")
+        check_finite(weights=True)  # never overwrite the last good checkpoint with a diverged model
         if rank == 0:
             save_checkpoint({'model': model_state(model), 'encoder_kwargs': model.encoder_kwargs, 'args': vars(args),
                              'method': type(model).__name__.lower(),  # the script that wrote it: simmim, lut, ...
@@ -1245,14 +1431,14 @@ def train(args, model, dataset):
         while step < total_steps:
             epoch, done = divmod(step, steps_per_epoch)
             loader.sampler.set_epoch(epoch, skip=done * args.accum_iter * args.batch_size)
-            batches = iter(loader)
+            batches = device_batches(iter(loader), device)
             for _ in range(steps_per_epoch - done):
                 lr = get_lr(step, total_steps, warmup_steps, args.lr, args.min_lr, getattr(args, 'warmup_lr', 0.0), getattr(args, 'milestones', ()), steps_per_epoch)
                 for group in optimizer.param_groups:
                     group['lr'] = lr * group.get('lr_scale', 1.0)
                 torch.manual_seed(hash((args.seed, rank, step)) % 2 ** 62)  # per-step seed: resuming reproduces the run
                 for micro in range(args.accum_iter):
-                    batch = to_device(next(batches), device)
+                    batch = next(batches)
                     sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
                     with (nullcontext() if sync else train_model.no_sync()), autocast:
                         loss, logs = train_model(batch)
@@ -1260,24 +1446,25 @@ def train(args, model, dataset):
                 if args.clip_grad:
                     scaler.unscale_(optimizer)
                     logs['grad_norm'] = nn.utils.clip_grad_norm_(params, args.clip_grad)
-                if args.skip_nonfinite and not torch.isfinite(loss).item():  # the flag's documented host sync
-                    bar.write(f"step {step}: non-finite loss, update skipped")
-                    optimizer.zero_grad(set_to_none=True)
+                # the gradients are all-reduced, so every rank skips the same steps (the flag's documented host sync)
+                if args.skip_nonfinite and not torch.isfinite(
+                        logs['grad_norm'] if args.clip_grad else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])):
+                    if rank == 0:
+                        bar.write(f"step {step}: non-finite gradients, update skipped")
                 else:
                     scaler.step(optimizer)
-                scaler.update()
+                    scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if hasattr(model, 'after_step'):
                     model.after_step(step, total_steps)
                 if not args.skip_nonfinite:
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)  # no host sync
+                    bad_step = torch.where(torch.isfinite(loss.detach()), bad_step, bad_step.clamp(max=step))  # no host sync
                 for k, v in dict(logs, loss=loss).items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 step += 1
                 bar.update(1)
                 if step % args.log_every == 0 or step == total_steps:
-                    if bad_step.item() >= 0:
-                        save(epoch)  # raises NonFiniteLoss
+                    check_finite()
                     n, dt = step - t0_step, time.perf_counter() - t0
                     ips = n * eff_batch / dt
                     row = {'epoch': epoch, 'step': step, **{k: round(v.item() / n, 5) for k, v in sums.items()},
@@ -1291,7 +1478,7 @@ def train(args, model, dataset):
                         log_file.write(json.dumps(row) + '\n')
                         log_file.flush()
                     sums, t0, t0_step = {}, time.perf_counter(), step
-                if stop_requested(world, step, args.log_every):
+                if stop_vote():
                     save(step // steps_per_epoch)
                     raise Stopped(f"stopped by signal at step {step}; {ckpt_path} saved: rerun with --resume to continue")
             if (epoch + 1) % args.save_every == 0 or step == total_steps:

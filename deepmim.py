@@ -72,7 +72,10 @@ def get_args(argv=None):
         weight_decay=0.05, betas=(0.9, 0.95),   # App. A; betas from MAE (official DeepMIM code too)
         min_lr=0.0, clip_grad=None,             # MAE's half-cycle cosine to 0, no clipping
         output_dir='out/deepmim')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the shared flags are checked there (common.validate_args)
+    if not 0 < args.mask_ratio < 1:
+        raise common.UsageError(f"--mask-ratio {args.mask_ratio}: must be in (0, 1), the fraction of patches masked")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------

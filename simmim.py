@@ -53,7 +53,9 @@ def get_args(argv=None):
         clip_grad=5.0,                   # released config: CLIP_GRAD 5.0 (paper silent)
         drop_path=0.1,                   # released config: DROP_PATH_RATE 0.1 (paper silent)
         output_dir='out/simmim')
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the shared flags are checked there (common.validate_args)
+    if not 0 < args.mask_ratio < 1:
+        raise common.UsageError(f"--mask-ratio {args.mask_ratio}: must be in (0, 1), the fraction of patches masked")
     if args.schedule == 'cosine':
         args.milestones = ()
     return args

@@ -1,5 +1,8 @@
 """Runs survive kills, preemption, bad data and bad input without losing work (as subprocesses)."""
+import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,10 +51,14 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     proc.kill()
     proc.wait()
     assert common.read_checkpoint(f'{out}/checkpoint.pth')['step'] < 48  # killed before the end
+    open(f'{out}/checkpoint.pth.tmp999999', 'wb').write(b'PK half a checkpoint')  # as a kill during a save leaves
     r = run('simmim.py', *flags, '--output-dir', out, '--resume')
     assert r.returncode == 0, r.stderr
     a, b = params(tmp_path / 'a' / 'checkpoint.pth'), params(f'{out}/checkpoint.pth')
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [f for f in os.listdir(out) if '.tmp' in f]
+    steps = [json.loads(line)['step'] for line in open(f'{out}/log.jsonl') if '"step"' in line]
+    assert steps == list(range(1, 49))  # the rows after the checkpoint, written before the kill, are not repeated
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
@@ -114,44 +121,110 @@ def test_strict_data_stops_at_first_bad_file(bad_folder, tmp_path):
 
 
 def test_nan_stops_and_keeps_previous_checkpoint(tmp_path):
+    r = run('simmim.py', *ARGS, '--output-dir', tmp_path / 'fresh', '--lr', '1e30', '--epochs', '2')
+    assert r.returncode == 3 and 'no checkpoint was written' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert run('simmim.py', *ARGS, '--output-dir', tmp_path).returncode == 0
     before = params(tmp_path / 'checkpoint.pth')
     r = run('simmim.py', *ARGS, '--output-dir', tmp_path, '--resume', '--epochs', '3', '--lr', '1e30')
-    assert r.returncode == 3 and 'non-finite' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 3 and 'keeps the last good state' in r.stderr and 'Traceback' not in r.stderr
     after = params(tmp_path / 'checkpoint.pth')
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # skipping non-finite steps never saves non-finite weights either: here the huge lr makes them so
     r = run('simmim.py', *ARGS, '--output-dir', tmp_path, '--resume', '--epochs', '2', '--lr', '1e30', '--skip-nonfinite')
-    assert r.returncode == 0 and 'update skipped' in r.stdout + r.stderr
+    assert 'update skipped' in r.stdout and r.returncode in (0, 3) and 'Traceback' not in r.stderr
+    assert all(v.isfinite().all() for v in params(tmp_path / 'checkpoint.pth').values())
 
 
-def make_checkpoints(tmp_path):
-    (tmp_path / 'text').mkdir()
-    (tmp_path / 'text' / 'checkpoint.pth').write_text('hello')
-    other = tmp_path / 'other'
-    assert run('simmim.py', *ARGS, '--output-dir', other, '--model', 'vit_tiny').returncode == 0
-    return tmp_path
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    os.makedirs(tmp_path / 'c')
+    Image.fromarray(np.full((40, 40), 30000, np.uint16)).save(tmp_path / 'c' / 'gray16.png')  # 46% gray
+    img = common.ImageFolder(str(tmp_path), None).load(0)
+    assert img.convert('RGB').getpixel((0, 0)) == (117, 117, 117)  # 30000 / 256, not clipped to 255
 
 
-@pytest.mark.parametrize('flags, words', [
-    (['--data', 'EMPTY'], 'no images'),
-    (['--batch-size', '0'], '--batch-size'),
-    (['--synthetic-size', '4'], 'no full step'),
-    (['--output-dir', 'TMP/text', '--resume'], 'not a checkpoint'),
-    (['--output-dir', 'TMP/other', '--resume'], 'another model'),
-    (['--output-dir', 'TMP/other'], '--resume'),
+@pytest.fixture(scope='module')
+def bad_input_dirs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('bad_input')
+    (tmp / 'text').mkdir()
+    (tmp / 'text' / 'checkpoint.pth').write_text('hello')
+    assert run('simmim.py', *ARGS, '--output-dir', tmp / 'other', '--model', 'vit_tiny').returncode == 0
+    assert run('simmim.py', *ARGS, '--output-dir', tmp / 'base').returncode == 0  # 4 steps
+    (tmp / 'empty' / 'cls').mkdir(parents=True)
+    (tmp / 'file').write_text('not a directory')
+    return tmp
+
+
+def read_only(path):
+    """Make `path` a directory nobody may write to: chmod, or for root (whom chmod does not stop) a
+    read-only bind mount. Returns the command that undoes it."""
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return ['chmod', '755', path]
+    if subprocess.run(['mount', '--bind', '-o', 'ro', path, path], capture_output=True).returncode:
+        pytest.skip('running as root without the right to mount: cannot make a read-only directory')
+    return ['umount', path]
+
+
+def disk_full():
+    # files this process writes stop at 1 MB: the kernel fails the write (EFBIG) as a full disk would (ENOSPC)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+
+# every bad input: exit code, one line on stderr that says what to do, no traceback, nothing lost
+@pytest.mark.parametrize('script, flags, code, words', [
+    ('simmim.py', ['--log-every', '0'], 2, '--log-every 0: must be at least 1'),
+    ('simmim.py', ['--accum-iter', '0'], 2, '--accum-iter 0: must be at least 1'),
+    ('simmim.py', ['--patch-size', '0'], 2, '--patch-size 0: must be at least 1'),
+    ('simmim.py', ['--img-size', '0'], 2, '--img-size 0: must be at least 1'),
+    ('simmim.py', ['--img-size', '30'], 2, 'image size 30 is not divisible by patch size 4'),
+    ('simmim.py', ['--save-every', '0'], 2, '--save-every 0: must be at least 1'),
+    ('simmim.py', ['--num-workers', '-1'], 2, '--num-workers -1: must be 0'),
+    ('simmim.py', ['--blr', 'nan'], 2, '--blr nan: must be a positive number'),
+    ('simmim.py', ['--blr', 'abc'], 2, "argument --blr: invalid float value: 'abc'"),
+    ('simmim.py', ['--epochs', '0'], 2, '--epochs 0: must be at least 1'),
+    ('simmim.py', ['--epochs', '-1'], 2, '--epochs -1: must be at least 1'),
+    ('simmim.py', ['--warmup-epochs', '-1'], 2, '--warmup-epochs -1.0: must be a number >= 0'),
+    ('simmim.py', ['--batch-size', '0'], 2, '--batch-size 0: must be at least 1'),
+    ('simmim.py', ['--mask-ratio', '1.5'], 2, '--mask-ratio 1.5: must be in (0, 1)'),
+    ('deepmim.py', ['--mask-ratio', '1.5'], 2, '--mask-ratio 1.5: must be in (0, 1)'),
+    ('deepmim.py', ['--mask-ratio', '-0.5'], 2, '--mask-ratio -0.5: must be in (0, 1)'),
+    ('simmim.py', ['--data', 'TMP/empty'], 2, 'no images'),
+    ('simmim.py', ['--synthetic-size', '4'], 2, 'no full step'),
+    ('simmim.py', ['--output-dir', 'TMP/file'], 2, 'cannot write there (a file)'),
+    ('simmim.py', ['--output-dir', 'TMP/file/sub'], 2, 'cannot write there (Not a directory)'),
+    ('simmim.py', ['--output-dir', 'READONLY'], 2, 'cannot write there'),
+    ('simmim.py', ['--output-dir', 'FULL'], 2, 'checkpoint.pth (File too large): it is left as it was'),
+    ('simmim.py', ['--output-dir', 'TMP/text', '--resume'], 2, 'not a checkpoint'),
+    ('simmim.py', ['--output-dir', 'TMP/other', '--resume'], 2, 'another model'),
+    ('simmim.py', ['--output-dir', 'TMP/other'], 2, 'pass --resume'),
+    ('simmim.py', ['--output-dir', 'NEW', '--resume'], 0, 'no checkpoint in'),  # a job script's first launch
+    ('simmim.py', ['--output-dir', 'COPY', '--resume', '--epochs', '2'], 0, 'with changed flags: --epochs 1 -> 2'),
 ])
-def test_bad_input_table(tmp_path_factory, flags, words):
-    tmp = tmp_path_factory.getbasetemp() / 'bad_input'
-    if not (tmp / 'other' / 'checkpoint.pth').exists():
-        tmp.mkdir(exist_ok=True)
-        make_checkpoints(tmp)
-        (tmp / 'empty' / 'cls').mkdir(parents=True)
-    flags = [f.replace('TMP', str(tmp)).replace('EMPTY', str(tmp / 'empty')) for f in flags]
+def test_bad_input_table(bad_input_dirs, tmp_path, script, flags, code, words):
+    tmp, undo, limit, full = bad_input_dirs, None, None, 'FULL' in flags
+    out = {'NEW': tmp_path / 'new', 'COPY': tmp_path / 'copy', 'READONLY': tmp_path / 'ro', 'FULL': tmp_path / 'full'}
+    if 'COPY' in flags:
+        shutil.copytree(tmp / 'base', out['COPY'])
+    if 'READONLY' in flags:
+        undo = read_only(str(out['READONLY']))
+    if 'FULL' in flags:
+        limit = disk_full
+    flags = [str(out.get(f, f)).replace('TMP', str(tmp)) for f in flags]
     if '--output-dir' not in flags:
-        flags += ['--output-dir', str(tmp / 'fresh')]
-    r = run('simmim.py', *ARGS, *flags)
+        flags += ['--output-dir', str(tmp_path / 'fresh')]
+    args = ARGS if script == 'simmim.py' else ['--data', 'synthetic', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    try:
+        r = subprocess.run([sys.executable, script, *map(str, args), *flags], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300, preexec_fn=limit)
+    finally:
+        if undo:
+            subprocess.run(undo)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and words in lines[0] and 'Traceback' not in r.stderr, r.stderr
+    assert r.returncode == code and len(lines) == 1 and words in lines[0] and 'Traceback' not in r.stderr, r.stderr
+    if full:  # nothing half-written is left behind
+        assert not [f for f in os.listdir(out['FULL']) if 'checkpoint' in f]
 
 
 def test_uneven_dataset_under_ddp_does_not_hang(tmp_path):

@@ -1,5 +1,6 @@
 """The training loop in common.py: schedule, weight decay, checkpoints, exact resume, DDP, compile."""
 import math
+import os
 
 import pytest
 import torch
@@ -94,3 +95,31 @@ def test_compile_runs_on_cpu(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     rows = open(tmp_path / 'log.jsonl').read().splitlines()
     assert len(rows) == 1 + 8 and all(math.isfinite(float(r.split('"loss": ')[1].split(',')[0])) for r in rows[1:])
+
+
+@pytest.mark.parametrize('device', ['cpu'] + (['cuda'] if torch.cuda.is_available() else []))
+def test_device_batches_match_plain_copies(device):
+    g = torch.Generator().manual_seed(0)
+    host = [{'img': torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=g), 'label': torch.arange(2) + i}
+            for i in range(5)]
+    got = list(common.device_batches(iter(host), torch.device(device)))  # on CUDA: copied on a side stream
+    want = [common.to_device(b, torch.device(device)) for b in host]
+    assert len(got) == 5 and all(torch.equal(a[k], b[k]) for a, b in zip(got, want) for k in a)
+
+
+def test_num_workers_default_shares_the_node(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(96)))
+    for local_world, want in [(None, 12), (8, 12), (16, 6), (128, 1)]:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+        if local_world:
+            monkeypatch.setenv('LOCAL_WORLD_SIZE', str(local_world))
+        assert common.default_workers() == want
+
+
+def test_log_off_a_terminal_is_plain_lines(tmp_path):
+    """200 steps written to a file (as a cluster job's log): a few plain lines, no progress bar."""
+    flags = ARGS + ['--batch-size', '4', '--synthetic-size', '16', '--epochs', '50', '--log-every', '50']
+    r = run('simmim.py', *flags, '--output-dir', tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    assert '\r' not in text and len(text.splitlines()) <= 12 and text.count('| step ') == 4, text
