@@ -9,8 +9,9 @@ the masked patches with a single linear layer and an L1 loss on the masked pixel
       --batch-size 64 --epochs 4 --warmup-epochs 1 --synthetic-size 4000 --blr 2e-3 --output-dir out/quick  # CPU, ~1 min
 
 Expected: ViT-B/16 800 epochs -> 83.8% ImageNet top-1 after fine-tuning (Tab. 6), 56.7% linear
-probe on an intermediate layer. The CPU run ends with a checkpoint whose k-NN accuracy on the
-synthetic data beats a random encoder's (`python evaluate.py knn --ckpt out/quick/checkpoint.pth --data synthetic`).
+probe on an intermediate layer. In the CPU run (the released recipe's architecture, tiny) the loss
+falls from about 0.66 to 0.59; its k-NN accuracy on the synthetic data (`python evaluate.py knn --ckpt
+out/quick/checkpoint.pth --data synthetic`) is about a random encoder's (71% vs 72%): it checks the pipeline.
 """
 import argparse
 
