@@ -1344,6 +1344,7 @@ def train(args, model, dataset):
     prepare_output_dir(args.output_dir, ckpt_path, rank)
     model.to(device)
     eff_batch = args.batch_size * args.accum_iter * world
+    lr_rule = f"blr {args.blr:.3g} x effective batch {eff_batch} / 256" if args.lr is None else "--lr or the method's rule"
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
                                   fused=device.type == 'cuda')
@@ -1390,7 +1391,7 @@ def train(args, model, dataset):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
     log_file = open(log_path, 'a') if rank == 0 else None
     if rank == 0:
-        print(f"lr {args.lr:.3g} = blr {args.blr:.3g} x effective batch {eff_batch} / 256 | "
+        print(f"lr {args.lr:.3g} ({lr_rule}), effective batch {eff_batch} | "
               f"{total_steps} steps, {warmup_steps} warmup | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable params")
         print(json.dumps(vars(args)))
         log_file.write(json.dumps({'args': vars(args)}) + '\n')

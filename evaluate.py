@@ -85,7 +85,7 @@ def get_args(argv=None):
     a('--data', default=None, help="DIR holding train/ and val/ class folders, or 'synthetic'")
     a('--img-size', type=int, default=None, help="default: the checkpoint's (pos_embed is resampled otherwise)")
     a('--batch-size', type=int, default=256, help='images per forward pass')
-    a('--num-workers', type=int, default=min(8, os.cpu_count() or 1))
+    a('--num-workers', type=int, default=common.default_workers())
     a('--synthetic-size', type=int, default=10000, help='--data synthetic: train images (val: a quarter, at least 100)')
     a('--seed', type=int, default=0)
     a('--device', default=None, help='default: cuda if available, else cpu')

@@ -323,7 +323,7 @@ def torchvision_transforms():
     return {
         'simmim': lambda im: {'img': tensor(simmim(im)), 'mask': torch.from_numpy(common.simmim_mask(rng))},
         'maskdistill': lambda im: {'img': tensor(jitter(maskdistill(im))),
-                                   'mask': torch.from_numpy(common.block_mask(rng, (14, 14), 78))},
+                                   'mask': torch.from_numpy(common.block_mask(rng, (14, 14), common.beit_num_masked((14, 14))))},
         'deepmim': lambda im: {'img': tensor(deepmim(im))},
         'lut': lambda im: {'img': tensor(src(im)), 'img2': tensor(view2(src(im)))},
         'supmim': lambda im: {'img': tensor(supmim(im))},
