@@ -746,6 +746,8 @@ def timm_model(kw):
     else:
         rest.update(class_token=kw['class_token'], pos_embed='none' if kw['pos_embed'] == 'none' else 'learn',
                     pre_norm=kw['pre_norm'], **({'act_layer': 'quick_gelu'} if kw['act'] == 'quick_gelu' else {}))
+        if not kw['class_token'] and kw['global_pool'] == 'token':  # no cls token (SupMIM): the mean of the normed tokens
+            rest.update(global_pool='avg', fc_norm=False)
     args = [f"{k}={v!r}" for k, v in rest.items()]
     if kw['norm_eps'] != 1e-6:  # timm's default
         args.append(f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={kw['norm_eps']!r})")

@@ -340,7 +340,7 @@ class VQGANTokenizer(nn.Module):
 
     @torch.no_grad()
     def tokenize(self, x):
-        with torch.autocast(x.device.type, enabled=False):  # float32 always: bf16 flips ~3% of the ids
+        with torch.autocast('cuda' if x.is_cuda else 'cpu', enabled=False):  # float32 always: bf16 flips ~3% of the ids
             z = self.quant_conv(self.encoder(x.float()))  # [B, D, h, w]
             B, D, h, w = z.shape
             return self.quantize(z.permute(0, 2, 3, 1).reshape(B * h * w, D)).reshape(B, h * w)  # [B*h*w, D] -> [B, h*w]

@@ -72,7 +72,7 @@ def test_no_host_sync_outside_logging_steps(name, flags, monkeypatch, tmp_path):
     module = importlib.import_module(name)
     flags = utils.METHOD_FLAGS.get(name, lambda t, a: [])(str(tmp_path), dict(img_size=32, patch_size=4)) + (
         flags(str(tmp_path)) if callable(flags) else flags)
-    argv = utils.TINY + flags + ['--batch-size', '4', '--synthetic-size', '24', '--log-every', '3', '--num-workers', '1',
+    argv = utils.TINY + flags + ['--batch-size', '4', '--accum-iter', '1', '--synthetic-size', '24', '--log-every', '3', '--num-workers', '1',
                                  '--no-compile', '--output-dir', str(tmp_path)]
     args = module.get_args(argv)
     torch.manual_seed(0)
