@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.flop_counter as flop_counter
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
 
@@ -144,19 +145,22 @@ class Attention(nn.Module):
             self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_len(rel_pos_grid), num_heads))
             self.register_buffer('relative_position_index', rel_pos_index(rel_pos_grid), persistent=False)
 
-    def forward(self, x, bias=None, return_attn=False):
+    def forward(self, x, bias=None):  # [B, N, C]; bias: the shared relative position bias [1, H, N, N] or None
         B, N, C = x.shape
         if self.relative_position_bias_table is not None:
             bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)  # [1, H, N, N]
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, C/H]
-        attn = None
-        if return_attn:  # explicit softmax, for analysis only
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
-            attn = (attn + bias if bias is not None else attn).softmax(-1)
-            x = attn @ v
-        else:  # fused kernel on the training path
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-        return self.proj(x.transpose(1, 2).reshape(B, N, C)), attn  # [B, N, C]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    def maps(self, x, bias=None):
+        """The attention probabilities [B, H, N, N] that forward uses, for analysis."""
+        B, N, C = x.shape
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)
+        q, k, _ = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+        return (attn if bias is None else attn + bias).softmax(-1)
 
 
 class LayerScale(nn.Module):
@@ -186,11 +190,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
-    def forward(self, x, bias=None, return_attn=False):
-        y, attn = self.attn(self.norm1(x), bias, return_attn)
-        x = x + drop_path(self.ls1(y), self.drop_path, self.training)
-        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
-        return x, attn
+    def forward(self, x, bias=None):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
 
 def rel_pos_len(grid):  # one entry per 2D offset between patches, plus cls->patch, patch->cls, cls->cls
@@ -237,13 +239,13 @@ def beit_trunc_normal_(t, std=.02):
 
 
 class VisionTransformer(nn.Module):
-    """timm's ViT (same parameter names and shapes), with the entry points the five methods need.
+    """timm's ViT (same parameter names and shapes), as small parts the methods put together:
 
-    forward_features(img, ids_keep=None, mask=None, mask_token=None, taps=(), return_attn=False):
-      ids_keep [B, K]: encode only these patches (MAE);  mask [B, L], 1 = masked: replace those
-      patch embeddings by mask_token [1, 1, D] before the position embedding (SimMIM, BEiT).
-      Returns tokens [B, prefix + L', D] after the final norm, or (tokens, list) with the outputs
-      of the 1-indexed blocks in `taps` (before the final norm) or the attention maps [B, H, N, N].
+      x = vit.patch_embed(img)    # [B, L, D] patch embeddings   (SimMIM/BEiT swap in mask tokens here)
+      x = vit.add_pos(x)          # + absolute position embedding (MAE keeps the visible tokens here)
+      x = vit.add_cls(x)          # [B, 1 + L', D]: cls token first, then norm_pre (CLIP)
+      x = vit.run_blocks(x)       # the blocks, with the shared relative position bias if any
+      x = vit.norm(x)             # final norm;  vit.forward_features(img) is these five lines
     """
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, num_classes=0, class_token=True, global_pool='token', pos_embed='learn',
@@ -309,31 +311,26 @@ class VisionTransformer(nn.Module):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
 
-    def forward_features(self, x, ids_keep=None, mask=None, mask_token=None, taps=(), return_attn=False):
-        x = self.patch_embed(x)  # [B, L, D]
-        if mask is not None:
-            w = mask.flatten(1).unsqueeze(-1).to(x.dtype)  # [B, L, 1]
-            x = x * (1 - w) + mask_token.to(x.dtype) * w
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[:, self.num_prefix:]
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+    def add_pos(self, x):  # [B, L, D] -> [B, L, D]
+        return x if self.pos_embed is None else x + self.pos_embed[:, self.num_prefix:]
+
+    def add_cls(self, x):  # [B, L', D] -> [B, prefix + L', D]
         if self.cls_token is not None:
             cls = self.cls_token if self.pos_embed is None else self.cls_token + self.pos_embed[:, :1]
-            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], 1)  # [B, 1 + L', D]
-        x = self.norm_pre(x)
-        if ids_keep is not None and self.encoder_kwargs['rel_pos_bias']:
-            raise ValueError("relative position bias needs the full token set, not ids_keep")
-        bias = None if self.rel_pos_bias is None else self.rel_pos_bias().unsqueeze(0)  # [1, H, N, N]
-        outs = []
-        for i, blk in enumerate(self.blocks, 1):
-            x, attn = blk(x, bias, return_attn)
-            if return_attn:
-                outs.append(attn)
-            elif i in taps:
-                outs.append(x)
-        x = self.norm(x)
-        return (x, outs) if (taps or return_attn) else x
+            x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+        return self.norm_pre(x)
+
+    def attn_bias(self):  # the shared relative position bias [1, H, N, N] (all patches), or None
+        return None if self.rel_pos_bias is None else self.rel_pos_bias().unsqueeze(0)
+
+    def run_blocks(self, x, blocks=None):  # [B, N, D] through all (or the given) blocks, before the final norm
+        bias = self.attn_bias()
+        for blk in self.blocks if blocks is None else blocks:
+            x = blk(x, bias)
+        return x
+
+    def forward_features(self, img):  # [B, 3, H, W] -> [B, prefix + L, D] after the final norm
+        return self.norm(self.run_blocks(self.add_cls(self.add_pos(self.patch_embed(img)))))
 
     def pool(self, x):
         """Image feature from the tokens: cls token, or (timm) mean of patch tokens then fc_norm."""
@@ -341,15 +338,6 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.head(self.pool(self.forward_features(x)))
-
-    def flops(self, num_tokens=None):
-        """Forward FLOPs for one image (a multiply-add is 2 FLOPs), matmuls only, as in nanoGPT's MFU
-        (PaLM paper, App. B): per block and token, qkv + proj 8 D^2, MLP 4 r D^2 with r the MLP
-        ratio, attention scores and weighted sum 4 N D; the patch embedding runs on all L patches."""
-        n = self.num_prefix + self.num_patches if num_tokens is None else num_tokens
-        D, r = self.embed_dim, self.encoder_kwargs['mlp_ratio']
-        per_block = n * (8 + 4 * r) * D * D + 4 * n * n * D
-        return self.depth * per_block + 2 * self.num_patches * 3 * self.patch_size ** 2 * D
 
 
 def patchify(img, p):
@@ -1330,6 +1318,35 @@ def device_batches(batches, device):
         yield nxt
 
 
+def _sdpa_cpu(q, k, v, *args, out_val=None, **kwargs):  # PyTorch counts the CUDA attention kernels only
+    return flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def _sdpa_cpu_backward(grad_out, q, k, v, *args, out_val=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+
+
+_sdpa_cpu._get_raw = _sdpa_cpu_backward._get_raw = True  # called with the tensors, not their shapes
+
+
+def train_flops(model, batch, autocast=nullcontext()):
+    """FLOPs per image of one training step (forward and backward; frozen teachers forward only), for
+    MFU as nanoGPT and PaLM (App. B) count it: matmuls, convolutions and attention, a multiply-add
+    being 2. Counted by torch.utils.flop_counter on `batch`, leaving weights, buffers and gradients
+    as they were. For ViT-B/16 at 224 px the forward is 35.1 GFLOPs per image: per block and token
+    8 D^2 (qkv, proj) + 16 D^2 (MLP) + 4 N D (attention), on N = 197 tokens."""
+    aten = torch.ops.aten
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, autocast:
+        loss, _ = model(batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(buffers, strict=False)  # e.g. BatchNorm statistics: the count does not train
+    return counter.get_total_flops() / len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
 # flags whose change on --resume changes the schedule or the data a run sees: named when they differ
 RESUME_FLAGS = ('data', 'synthetic_size', 'epochs', 'warmup_epochs', 'warmup_steps', 'blr', 'lr', 'min_lr', 'batch_size',
                 'accum_iter', 'world_size', 'weight_decay', 'betas', 'clip_grad', 'seed')
@@ -1337,7 +1354,7 @@ RESUME_FLAGS = ('data', 'synthetic_size', 'epochs', 'warmup_epochs', 'warmup_ste
 
 def train(args, model, dataset):
     """Pretrain `model` on `dataset`. The model protocol: `loss, logs = model(batch)` with batch a
-    dict of device tensors; `model.flops_per_image()` (training FLOPs, for MFU); optionally
+    dict of device tensors; optionally
     `model.after_step(step, total_steps)` called after every optimizer step (EMA teachers)."""
     rank, world, device = setup(args)
     ckpt_path, step = os.path.join(args.output_dir, 'checkpoint.pth'), 0
@@ -1395,13 +1412,13 @@ def train(args, model, dataset):
               f"{total_steps} steps, {warmup_steps} warmup | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable params")
         print(json.dumps(vars(args)))
         log_file.write(json.dumps({'args': vars(args)}) + '\n')
-    flops = model.flops_per_image()
     params = [p for p in model.parameters() if p.requires_grad]
     # a bar on a terminal only: in a log file its carriage returns make one line of megabytes
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
     # first step whose loss was not finite on this rank, total_steps if none: kept on the device (no host sync)
     sums, bad_step, t0, t0_step = {}, torch.full((), total_steps, device=device), time.perf_counter(), step
     model.train()
+    flops = train_flops(model, to_device(torch.utils.data.default_collate([dataset[0], dataset[1]]), device), autocast)
     STOP_REQUESTS.clear()
     stop_vote = StopVote(world, device)
     handlers = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}  # preemption

@@ -159,10 +159,14 @@ class DeepMIM(common.VisionTransformer):
     def forward_encoder(self, img, ids_keep):
         """The visible patches through the encoder: [block t output for t in taps] (before the final
         norm, as the official code) + [last block output after the norm], each [B, 1 + K, D]."""
-        if not self.taps:
-            return [self.forward_features(img, ids_keep=ids_keep)]
-        x, taps = self.forward_features(img, ids_keep=ids_keep, taps=self.taps)
-        return taps + [x]
+        x = self.add_pos(self.patch_embed(img))  # [B, L, D]
+        x = self.add_cls(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))  # MAE: visible only
+        outs, start = [], 0
+        for t in self.taps:  # Sec. 3.2: the deep supervision taps, 1-indexed blocks
+            x = self.run_blocks(x, self.blocks[start:t])
+            outs.append(x)
+            start = t
+        return outs + [self.norm(self.run_blocks(x, self.blocks[start:]))]
 
     def forward_decoder(self, x, ids_restore, embed, mask_token, blocks, norm, pred):
         """MAE's decoder: encoded visible tokens x [B, 1 + K, D] -> predictions [B, L, out] for all patches."""
@@ -172,7 +176,7 @@ class DeepMIM(common.VisionTransformer):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, L, d] unshuffled
         x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed  # [B, 1 + L, d]
         for blk in blocks:
-            x, _ = blk(x)
+            x = blk(x)
         return pred(norm(x))[:, 1:]  # [B, L, out], cls dropped
 
     def predict(self, img, ids_keep, ids_restore):
@@ -211,20 +215,6 @@ class DeepMIM(common.VisionTransformer):
             logs[f'loss_{name}'] = (cosine_loss(pred, target, mask) if self.target == 'clip'
                                     else forward_loss(pred, target, mask, self.norm_pix))
         return sum(logs.values()), logs  # Eq. 2: the unweighted sum over the M + 1 decoders
-
-    def forward_flops(self):
-        """Forward FLOPs per image: encoder on the 1 + K visible tokens, each decoder on all 1 + L."""
-        keep, n = int(self.num_patches * (1 - self.mask_ratio)), 1 + self.num_patches
-        d, out, depth = self.decoder_embed.out_features, self.decoder_pred.out_features, len(self.decoder_blocks)
-        per_decoder = (2 * (1 + keep) * self.embed_dim * d + depth * (24 * n * d * d + 4 * n * n * d)
-                       + 2 * n * d * out)  # embed, blocks (as VisionTransformer.flops, MLP ratio 4), pred
-        return self.flops(num_tokens=1 + keep) + len(self.decoders()) * per_decoder
-
-    def flops_per_image(self):
-        frozen = self.hybrid_mae.forward_flops() if self.hybrid_mae is not None else 0
-        if self.teacher is not None:
-            frozen = self.teacher.flops() + 2 * self.num_patches * self.teacher_proj.numel()  # proj on the L patch tokens
-        return 3 * self.forward_flops() + frozen  # backward ~ 2x forward; frozen parts forward only
 
 
 def hybrid_alphas(args):

@@ -568,14 +568,19 @@ def spectrum(x):
 
 
 def block_attention_distances(vit, img):  # [B, depth, H]
-    _, attns = vit.forward_features(img, return_attn=True)
+    x, bias, attns = vit.add_cls(vit.add_pos(vit.patch_embed(img))), vit.attn_bias(), []
+    for blk in vit.blocks:
+        attns.append(blk.attn.maps(blk.norm1(x), bias))
+        x = blk(x, bias)
     return torch.stack([attention_distance(a, vit.patch_embed.grid, vit.patch_size, vit.num_prefix) for a in attns], 1)
 
 
 def block_features(vit, img):
     """[B, depth, D]: the mean patch token of each block's output (before the final norm). Pooled
     per image rather than all tokens flattened, so n = images and the features are the image's."""
-    _, outs = vit.forward_features(img, taps=range(1, vit.depth + 1))
+    x, outs = vit.add_cls(vit.add_pos(vit.patch_embed(img))), []
+    for blk in vit.blocks:
+        outs.append(x := vit.run_blocks(x, [blk]))
     return torch.stack([o[:, vit.num_prefix:].mean(1) for o in outs], 1)
 
 

@@ -147,6 +147,14 @@ def ema_momentum(step, total_steps, base):
     return 1 - (1 - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
+def encode(vit, img, ids_keep=None):
+    """MAE's encoder: only the visible patches ids_keep [B, K] enter (all if None) -> [B, 1 + K, D] after the norm."""
+    x = vit.add_pos(vit.patch_embed(img))  # [B, L, D]
+    if ids_keep is not None:
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+    return vit.norm(vit.run_blocks(vit.add_cls(x)))
+
+
 def two_view_masking(noise, mask_ratio):
     """One noise draw [B, L] masks both views (public code): view 1 keeps the K patches with the
     smallest noise, view 2 the next K, so their visible sets are disjoint. Returns (ids_keep [B, K],
@@ -227,7 +235,7 @@ class LUT(common.VisionTransformer):
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, L, dim], image order
         x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed  # [B, 1 + L, dim]
         for blk in self.decoder_blocks:
-            x, _ = blk(x)
+            x = blk(x)
         x = self.decoder_norm(x)[:, 1:]  # [B, L, dim], cls dropped
         return self.decoder_pred(x), x
 
@@ -247,7 +255,7 @@ class LUT(common.VisionTransformer):
         (ids1, mask1, restore1), (ids2, _, restore2) = two_view_masking(
             torch.rand(B, self.num_patches, device=img1.device), self.mask_ratio)
         # both views through the online encoder in one batch, each with its own visible patches
-        z = self.forward_features(torch.cat([img1, img2]), ids_keep=torch.cat([ids1, ids2]))  # [2B, 1 + K, D]
+        z = encode(self, torch.cat([img1, img2]), torch.cat([ids1, ids2]))  # [2B, 1 + K, D]
         if self.steer == 'visible':
             pred, _ = self.forward_decoder(z[:B], restore1)  # [B, L, p*p*3]
             online, pos = z[:, 1:], torch.cat([ids1, ids2])  # [2B, K, D]; their positions [2B, K]
@@ -259,31 +267,12 @@ class LUT(common.VisionTransformer):
             ids_t = None
             if self.target_mask_ratio > 0:  # Tab. 4e: the target sees a random subset too
                 ids_t = common.random_masking(torch.rand(2 * B, self.num_patches, device=img1.device), self.target_mask_ratio)[0]
-            t = self.target_encoder.forward_features(torch.cat([img2, img1]), ids_keep=ids_t)[:, 1:]  # [2B, L', D]
+            t = encode(self.target_encoder, torch.cat([img2, img1]), ids_t)[:, 1:]  # [2B, L', D]
             if self.supervision == 'token' and pos is not None:  # the target's tokens where the online ones are
                 t = torch.gather(t, 1, pos.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # [2B, K, D]
             target = self.heads(t, online=False)  # [N, D]
         loss_context = context_loss(self.heads(online, online=True), target)  # Eq. (2), both directions
         return loss_mae + self.context_weight * loss_context, {'mae': loss_mae, 'context': loss_context}  # Eq. (3)
-
-    def flops_per_image(self):
-        """Online: encoder on the K visible tokens of both views, decoder, heads (x3 with backward);
-        target: encoder and projector on the two full views (forward only)."""
-        L, D, H = self.num_patches, self.embed_dim, self.head_projector[0].out_features
-        K, Kt = int(L * (1 - self.mask_ratio)), int(L * (1 - self.target_mask_ratio))
-        dim, views_dec = self.decoder_embed.out_features, 2 if self.steer == 'all' else 1
-        n = 1 + L  # decoder tokens
-        # per decoder block and token 24 dim^2 FLOPs (12 dim^2 multiply-adds: qkv, proj, MLP 4x), as
-        # VisionTransformer.flops; embed on the 1 + K encoded tokens, pixel head on the L patches
-        decoder = (len(self.decoder_blocks) * (24 * n * dim * dim + 4 * n * n * dim)
-                   + 2 * (1 + K) * D * dim + 2 * L * dim * self.decoder_pred.out_features)
-        rows, rows_t = (1, 1) if self.supervision == 'pooled' else ((K, K) if self.steer == 'visible' else (L, L))
-        online = 2 * self.flops(1 + K) + views_dec * decoder + 2 * rows * 8 * D * H + (2 * L * 2 * dim * D if self.steer == 'all' else 0)
-        return 3 * online + 2 * self.flops(1 + Kt) + 2 * rows_t * 4 * D * H
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
 
 
 def forward_loss(img, pred, mask, patch_size, norm_pix=True):
@@ -315,7 +304,7 @@ def reconstruct(model, img, mask_seed=0):
     g = torch.Generator(device=img.device).manual_seed(mask_seed)
     ids_keep, mask, ids_restore = common.random_masking(torch.rand(B, model.num_patches, generator=g, device=img.device),
                                                         model.mask_ratio)
-    pred, _ = model.forward_decoder(model.forward_features(img, ids_keep=ids_keep), ids_restore)  # [B, L, p*p*3]
+    pred, _ = model.forward_decoder(encode(model, img, ids_keep), ids_restore)  # [B, L, p*p*3]
     if model.norm_pix_loss:
         target = common.patchify(img, p)  # [B, L, p*p*3]
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** .5 + target.mean(-1, keepdim=True)

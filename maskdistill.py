@@ -100,12 +100,9 @@ class Teacher(nn.Module):
         if x.shape[-1] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode='bicubic', align_corners=False)
         x = x.to(self.vit.patch_embed.proj.weight.dtype)  # bf16 when cast for a CUDA run
-        tokens, (last,) = self.vit.forward_features(x, taps=(self.vit.depth,))  # after / before the final norm
-        t = (tokens if self.ln_post else last)[:, self.vit.num_prefix:]  # [B, L, D]
+        x = self.vit.run_blocks(self.vit.add_cls(self.vit.add_pos(self.vit.patch_embed(x))))  # before the final norm
+        t = (self.vit.norm(x) if self.ln_post else x)[:, self.vit.num_prefix:]  # [B, L, D]
         return t if self.proj is None else t @ self.proj  # [B, L, E]
-
-    def flops(self):
-        return self.vit.flops() + (0 if self.proj is None else 2 * self.vit.num_patches * self.proj.numel())
 
 
 def load_teacher(args, grid):
@@ -172,19 +169,14 @@ class MaskDistill(common.VisionTransformer):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] ImageNet-normalized; [B, L], 1 = masked
         if 'jitter' in batch:  # the colour jitter the data workers drew, applied here (teacher and student see it)
             img = common.renormalize_unit(common.color_jitter(common.unnormalize(img), batch['jitter'], hue=False))
-        z = self.forward_features(img, mask=mask, mask_token=self.mask_token)  # [B, 1 + L, D], Eq. (2)
+        x = self.patch_embed(img)  # [B, L, D]
+        w = mask.unsqueeze(-1).to(x.dtype)  # Eq. (2): masked patches enter as the mask token, as in BEiT
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # [B, 1 + L, D]
         pred = self.head_distill(z[:, self.num_prefix:])  # [B, L, D_t]
         target = self.teacher(img)  # [B, L, D_t] from the full, unmasked image
         loss = forward_loss(pred, target, mask if self.loss_on == 'masked' else torch.ones_like(mask), self.beta)
         return loss, {}
-
-    def flops_per_image(self):
-        head = 2 * self.num_patches * self.embed_dim * self.head_distill.out_features
-        return 3 * (self.flops() + head) + self.teacher.flops()  # backward ~ 2x forward; the teacher only runs forward
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
 
 
 def forward_loss(pred, target, mask, beta=1.0):

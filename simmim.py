@@ -83,17 +83,21 @@ class SimMIM(common.VisionTransformer):
         # one linear layer (Tab. 2); released code: a 1x1 conv outside the encoder, PyTorch's default init
         self.head_pred = nn.Linear(width, args.patch_size ** 2 * 3)
 
+    def predict(self, img, mask):
+        """Sec. 3.1: masked patches enter the encoder as the learnable mask token (before the position
+        information, as the released code); the linear head predicts every patch's pixels [B, L, p*p*3]."""
+        x = self.patch_embed(img)  # [B, L, D]
+        w = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1], 1 = masked
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # [B, 1 + L, D]
+        return self.head_pred(z[:, self.num_prefix:])
+
     def forward(self, batch):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] normalized; [B, L], 1 = masked
-        z = self.forward_features(img, mask=mask, mask_token=self.mask_token)  # [B, 1 + L, D]
-        pred = self.head_pred(z[:, self.num_prefix:])  # [B, L, p*p*3]
+        pred = self.predict(img, mask)  # [B, L, p*p*3]
         target = common.patchify(img, self.patch_size)  # [B, L, p*p*3]
         loss = forward_loss(pred, target, mask if self.loss_on == 'masked' else torch.ones_like(mask))
         return loss, {}
-
-    def flops_per_image(self):
-        head = 2 * self.num_patches * self.embed_dim * self.patch_size ** 2 * 3
-        return 3 * (self.flops() + head)  # backward ~ 2x forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +122,7 @@ def reconstruct(model, img, mask_seed=0):
     mask = np.stack([common.simmim_mask(rng, img.shape[-1], model.mask_patch_size, model.patch_size, model.mask_ratio)
                      for _ in range(len(img))])  # [B, G, G]
     mask = torch.from_numpy(mask).flatten(1).to(img.device)  # [B, L]
-    z = model.forward_features(img, mask=mask, mask_token=model.mask_token)  # [B, 1 + L, D]
-    pred = model.head_pred(z[:, model.num_prefix:])  # [B, L, p*p*3]
+    pred = model.predict(img, mask)  # [B, L, p*p*3]
     return mask, common.unpatchify(pred.float(), model.patch_size, model.patch_embed.grid)
 
 

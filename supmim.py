@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
-from torch.utils.flop_counter import FlopCounterMode
 
 import common
 
@@ -109,7 +108,7 @@ class SupMIM(common.VisionTransformer):
         nn.init.constant_(self.head.bias, args.head_bias)
         self.pool_cls, self.mim_weight, self.mask_ratio, self.target = args.pool_cls, args.mim_weight, args.mask_ratio, args.target
         self.pool_mim, self.mask_cls_input, self.mixup_alpha = args.pool_mim, args.mask_cls_input, args.mixup
-        self.num_classes, self.tokenizer, self.tokenizer_flops = args.num_classes, None, 0
+        self.num_classes, self.tokenizer = args.num_classes, None
         # lambda 0: the MIM branch is neither built nor run. The baseline then costs what a supervised
         # run costs, and DDP meets no parameter without a gradient (a decoder multiplied by 0 would
         # still be all-reduced every step, for nothing).
@@ -129,7 +128,6 @@ class SupMIM(common.VisionTransformer):
                     f"--tokenizer-size {self.tokenizer_size}) differs from the encoder's patch grid ({grid[0]}x{grid[1]} "
                     f"at --img-size {args.img_size} --patch-size {args.patch_size}): use --tokenizer-size "
                     f"{grid[0] * factor}, or ViT/14 at 224 with a 256 px VQGAN as the paper (Sec. 4.1)")
-            self.tokenizer_flops = count_flops(self.tokenizer, self.tokenizer_size)
             out = self.tokenizer.quantize.embedding.num_embeddings  # 1024 logits per token
         else:
             out = args.patch_size ** 2 * 3
@@ -159,7 +157,14 @@ class SupMIM(common.VisionTransformer):
 
     def classify(self, img, ids_keep=None):
         """Logits [B, C] of the classifier; ids_keep [B, K] encodes only those patches (Fig. 5)."""
-        return self.head(self.pool(self.forward_features(img, ids_keep=ids_keep)))
+        return self.head(self.pool(self.encode(img, ids_keep)))
+
+    def encode(self, img, ids_keep=None):
+        """The encoder on the visible patches only (MAE): [B, prefix + K, D] after the final norm."""
+        x = self.add_pos(self.patch_embed(img))  # [B, L, D]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        return self.norm(self.run_blocks(self.add_cls(x)))
 
     @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
     def mixup(self, img, labels):
@@ -183,7 +188,7 @@ class SupMIM(common.VisionTransformer):
     def forward_decoder(self, latent, ids_restore):
         x = self.decoder_input(latent, ids_restore) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
-            x, _ = blk(x)
+            x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))  # [B, L, 1024 token logits or p*p*3 pixels]
 
     @torch.no_grad()
@@ -215,24 +220,13 @@ class SupMIM(common.VisionTransformer):
         if self.decoder_blocks is None:
             return loss_ce, {'loss_ce': loss_ce}
         # (2) MIM on the un-mixed image: only the visible patches are encoded (MAE), all are predicted
-        pred = self.forward_decoder(self.forward_features(img, ids_keep=ids_keep), ids_restore)
+        pred = self.forward_decoder(self.encode(img, ids_keep), ids_restore)
         if self.target == 'tokens':
             loss_mim = token_cross_entropy(pred, ids)
         else:
             loss_mim = pixel_loss(pred, common.patchify(img, self.patch_size))
         loss = loss_ce + self.mim_weight * loss_mim  # Eq. (3)
         return loss, {'loss_ce': loss_ce, 'loss_mim': loss_mim}
-
-    def flops_per_image(self):
-        """Classification pass (all tokens, or the kept ones with --mask-cls-input) and masked pass
-        (kept tokens) through the encoder, the decoder on all L tokens, x3 for the backward; the frozen
-        VQGAN's forward x1 (about 139 GFLOPs at 256 px, more than the ViT-B/14's 46)."""
-        D, L, K = self.embed_dim, self.num_patches, int(self.num_patches * (1 - self.mask_ratio))
-        flops = self.flops(self.num_prefix + (K if self.mask_cls_input else L)) + 2 * D * self.num_classes
-        if self.decoder_blocks is not None:
-            decoder = len(self.decoder_blocks) * (L * 24 * D * D + 4 * L * L * D) + 2 * L * D * self.decoder_pred.out_features
-            flops += self.flops(self.num_prefix + K) + decoder
-        return 3 * flops + self.tokenizer_flops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +317,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z):
         """z [N, D] -> ids [N] of the nearest code, argmin_k |z|^2 + |e_k|^2 - 2 z.e_k, in float32."""
-        with torch.autocast('cuda' if z.is_cuda else 'cpu', enabled=False):  # (also on 'meta', for count_flops)
+        with torch.autocast('cuda' if z.is_cuda else 'cpu', enabled=False):
             z, e = z.float(), self.embedding.weight.float()
             return (z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()).argmin(1)  # [N, K] -> [N]
 
@@ -382,19 +376,6 @@ def load_vqgan(path):
         raise common.UsageError(f"{path} does not fit a VQGAN encoder ({len(bad)} keys, first: {', '.join(bad[:3])}): {VQGAN_HINT}")
     model.load_state_dict(sd)
     return model.eval().requires_grad_(False)
-
-
-def count_flops(tokenizer, size):
-    """Forward FLOPs of one size x size image through the tokenizer, counted on a weightless copy."""
-    with torch.device('meta'):
-        meta = VQGANTokenizer(**vqgan_config(tokenizer.state_dict(), 'tokenizer'))
-    with FlopCounterMode(display=False) as counter:
-        meta.tokenize(torch.empty(1, 3, size, size, device='meta'))
-    return counter.get_total_flops()
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
 
 
 def sigmoid_cross_entropy(logits, targets):

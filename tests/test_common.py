@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -65,7 +66,7 @@ def test_qkv_rows_are_q_k_v_with_contiguous_heads():
         a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd), -1)
         out[..., rows] = a @ v
     ref = out @ attn.proj.weight.T + attn.proj.bias
-    torch.testing.assert_close(attn(x)[0], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sincos_matches_formula():
@@ -106,33 +107,39 @@ def manual_forward(vit, img, ids_keep=None, mask=None, mask_token=None):
     x = torch.cat([(vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], 1)
     outs = []
     for blk in vit.blocks:
-        x = x + blk.attn(blk.norm1(x))[0]
+        x = x + blk.attn(blk.norm1(x))
         x = x + blk.mlp(blk.norm2(x))
         outs.append(x)
     return vit.norm(x), outs
 
 
-def test_forward_paths_match_manual_computation():
+def test_forward_parts_match_manual_computation():
     vit = small_vit().eval()
     img = torch.randn(2, 3, IMG, IMG)
     ids_keep, mask, _ = common.random_masking(torch.rand(2, 16), 0.75)
-    # (a) only kept tokens
-    torch.testing.assert_close(vit.forward_features(img, ids_keep=ids_keep), manual_forward(vit, img, ids_keep)[0])
-    # (b) mask token
+    # (a) only kept tokens, as MAE puts the parts together
+    x = vit.add_pos(vit.patch_embed(img))
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    torch.testing.assert_close(vit.norm(vit.run_blocks(vit.add_cls(x))), manual_forward(vit, img, ids_keep)[0])
+    # (b) mask token, as SimMIM puts them together
     token = torch.randn(1, 1, D)
-    torch.testing.assert_close(vit.forward_features(img, mask=mask, mask_token=token),
+    x = torch.where(mask.bool()[..., None], token, vit.patch_embed(img))
+    torch.testing.assert_close(vit.norm(vit.run_blocks(vit.add_cls(vit.add_pos(x)))),
                                manual_forward(vit, img, mask=mask, mask_token=token)[0])
-    # (c) intermediate outputs, before the final norm
-    out, taps = vit.forward_features(img, taps=(1, 2))
+    # (c) block by block, before the final norm; forward_features is the whole chain
     ref, ref_outs = manual_forward(vit, img)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(taps, ref_outs):
-        torch.testing.assert_close(a, b)
-    # (d) explicit attention maps: same output, rows sum to one
-    out2, attn = vit.forward_features(img, return_attn=True)
-    torch.testing.assert_close(out2, ref, atol=1e-5, rtol=1e-5)
-    assert len(attn) == DEPTH and attn[0].shape == (2, HEADS, 17, 17)
-    torch.testing.assert_close(attn[0].sum(-1), torch.ones(2, HEADS, 17))
+    torch.testing.assert_close(vit.forward_features(img), ref)
+    x = vit.add_cls(vit.add_pos(vit.patch_embed(img)))
+    for blk, want in zip(vit.blocks, ref_outs):
+        torch.testing.assert_close(x := vit.run_blocks(x, [blk]), want)
+    # (d) explicit attention maps: rows sum to one, and weighting the values by them is the block's attention
+    y = vit.blocks[0].norm1(vit.add_cls(vit.add_pos(vit.patch_embed(img))))
+    attn = vit.blocks[0].attn.maps(y)
+    assert attn.shape == (2, HEADS, 17, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, HEADS, 17))
+    v = vit.blocks[0].attn.qkv(y)[..., 2 * D:].reshape(2, 17, HEADS, D // HEADS).transpose(1, 2)
+    out = vit.blocks[0].attn.proj((attn @ v).transpose(1, 2).reshape(2, 17, D))
+    torch.testing.assert_close(out, vit.blocks[0].attn(y), atol=1e-5, rtol=1e-5)
 
 
 def test_relative_position_bias_index():
@@ -145,20 +152,34 @@ def test_relative_position_bias_index():
     assert idx[1:, 1:].unique().numel() == n  # every 2D offset has its own entry
 
 
-def test_flops_formula_matches_flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-    vit = small_vit()
-    with FlopCounterMode(display=False) as fc:  # the explicit-attention path: the CPU's fused kernel is not counted
-        vit.forward_features(torch.randn(1, 3, IMG, IMG), return_attn=True)
-    assert fc.get_total_flops() == vit.flops()
-    with FlopCounterMode(display=False) as fc:  # MAE: 4 kept patches + cls, patch embedding on all 16
-        vit.forward_features(torch.randn(1, 3, IMG, IMG), ids_keep=torch.arange(4)[None], return_attn=True)
-    assert fc.get_total_flops() == vit.flops(num_tokens=5)
+class Classifier(nn.Module):  # the training protocol of common.train: loss, logs = model(batch)
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, batch):
+        return self.vit(batch['img']).logsumexp(-1).mean(), {}
 
 
-def test_vit_base_flops_is_35_gflops():
-    vit = common.VisionTransformer()  # ViT-B/16 at 224: ~17.6 GMACs (REFERENCE.md)
-    assert abs(vit.flops() / 1e9 - 35.1) < 0.3
+def vit_forward_flops(n, L, D, depth, r, p, classes):
+    """The count behind MFU (PaLM App. B), per image: per block and token 8 D^2 (qkv, proj) + 4 r D^2
+    (MLP) + 4 N D (scores and weighted sum), the patch embedding on L patches, the head on one token."""
+    return depth * (n * (8 + 4 * r) * D * D + 4 * n * n * D) + 2 * L * 3 * p * p * D + 2 * D * classes
+
+
+def test_train_flops_is_the_vit_formula():
+    vit = small_vit(num_classes=10)
+    counted = common.train_flops(Classifier(vit), {'img': torch.randn(3, 3, IMG, IMG)})
+    fwd = vit_forward_flops(17, 16, D, DEPTH, 4, P, 10)
+    # backward = 2 x forward (input and weight gradients), except that the image needs no gradient
+    # (the patch convolution's backward is 1x) and the fused attention backward recomputes the scores
+    want = 3 * fwd - 2 * 16 * 3 * P * P * D + DEPTH * 2 * 17 * 17 * D
+    assert counted == want
+    assert all(p.grad is None for p in vit.parameters())  # counting leaves no gradients behind
+
+
+def test_vit_base_forward_is_35_gflops():  # ViT-B/16 at 224: ~17.6 GMACs (REFERENCE.md)
+    assert abs(vit_forward_flops(197, 196, 768, 12, 4, 16, 0) / 1e9 - 35.1) < 0.3
 
 
 # ---- masking --------------------------------------------------------------------------------

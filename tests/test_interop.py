@@ -167,13 +167,14 @@ def test_training_checkpoints_load_everywhere(tmp_path, capsys):
         with pytest.raises(pickle.UnpicklingError):  # plain weights_only refuses them: the allowlist matters
             torch.load(path, weights_only=True)
         with torch.no_grad():
-            want, (last,) = src.forward_features(X, taps=(2,))
+            last = src.run_blocks(src.add_cls(src.add_pos(src.patch_embed(X))))
+            want = src.norm(last)
         for vit in [common.build_encoder(path)[0],  # knn, linear, retrieval, analyses
                     common.build_encoder(path, global_pool='avg', num_classes=10)[0],  # fine-tuning init
                     maskdistill.load_teacher(argparse.Namespace(teacher=path, teacher_type='timm', teacher_proj=False,
                                                                 teacher_ln_post=True), (4, 4)).vit]:
             with torch.no_grad():  # the last block's tokens (the final norm differs with mean pooling)
-                torch.testing.assert_close(vit.eval().forward_features(X, taps=(2,))[1][0], last, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(vit.eval().run_blocks(vit.add_cls(vit.add_pos(vit.patch_embed(X)))), last, atol=1e-5, rtol=1e-5)
         out = capsys.readouterr().out
         if name == 'deit':  # the 1000-class head does not fit 10 classes: dropped, with a line, as MAE does
             assert 'not loading head.weight (1000, 192)' in out
@@ -264,7 +265,8 @@ def test_clip_loader_matches_openai_clip(tmp_path):
             cls = ref.visual(X)  # ln_post(cls) @ proj
             hook.remove()
             vit, proj = common.load_clip_visual(str(tmp_path / name))
-            x, (last,) = vit.forward_features(X, taps=(vit.depth,))
+            last = vit.run_blocks(vit.add_cls(vit.add_pos(vit.patch_embed(X))))
+            x = vit.norm(last)
         torch.testing.assert_close(last, tokens[0], atol=1e-5, rtol=1e-5)  # every token, before ln_post
         torch.testing.assert_close(x, ref.visual.ln_post(tokens[0]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x[:, 0] @ proj, cls, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ import torch
 
 import common
 import utils
-from test_flops import clip_target, clip_teacher, tiny_vqgan
+from utils import clip_target, clip_teacher, tiny_vqgan
 
 METHODS = [m for m in ['simmim', 'maskdistill', 'deepmim', 'lut', 'supmim'] if os.path.exists(os.path.join(utils.ROOT, f'{m}.py'))]
 CASES = [(m, []) for m in METHODS] + [('maskdistill', clip_teacher), ('deepmim', clip_target), ('supmim', tiny_vqgan)]

@@ -93,3 +93,34 @@ def official_mae_shapes(dim, depth, patch, num_patches, dec_dim, dec_depth):
     for i in range(dec_depth):
         dec.update(block(f'decoder_blocks.{i}', dec_dim))
     return enc, dec
+
+
+def tiny_vqgan(tmp):
+    """--target tokens with a random 3-level VQGAN (f = 4: 8 x 8 tokens for the 8 x 8 patches of 32 px)."""
+    import supmim
+    path = os.path.join(tmp, 'vqgan.pth')
+    torch.save(supmim.VQGANTokenizer(32, (1, 1, 2), 1, (2,), 32, 16, 64).state_dict(), path)
+    return ['--target', 'tokens', '--tokenizer', path]
+
+
+def tiny_clip(tmp):
+    """A random CLIP-format image tower (OpenAI names, `proj` to 32 wide) for the same 8 x 8 grid."""
+    vit = common.VisionTransformer(32, 4, 64, 2, 1, pre_norm=True, act='quick_gelu', norm_eps=1e-5, patch_bias=False)
+    sd = {}
+    for k, v in vit.state_dict().items():
+        for clip, ours in common.CLIP_NAMES:
+            k = k.replace(ours, clip) if ours.startswith('.') or k.startswith(ours) else k
+        sd[k] = v
+    sd['class_embedding'], sd['positional_embedding'] = sd.pop('cls_token').flatten(), sd.pop('pos_embed')[0]
+    sd['proj'] = torch.randn(64, 32)
+    path = os.path.join(tmp, 'clip.pth')
+    torch.save(sd, path)
+    return path
+
+
+def clip_teacher(tmp):
+    return ['--teacher-type', 'clip', '--teacher', tiny_clip(tmp), '--teacher-proj']
+
+
+def clip_target(tmp):
+    return ['--target', 'clip', '--teacher', tiny_clip(tmp)]
