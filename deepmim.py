@@ -49,21 +49,25 @@ def parse_alphas(text):
 
 def get_args(argv=None):
     parser = common.get_parser(__doc__)
-    a = parser.add_argument
-    a('--mask-ratio', type=float, default=0.75, help='App. A: 75%% of the patches are masked (MAE)')
-    a('--taps', type=parse_taps, default=(6, 8, 10), help="Sec. 3, Tab. 8: extra decoders on these blocks; '' = MAE")
-    a('--decoder-depth', type=int, default=4, help='Sec. 3: 4 blocks per decoder, the last one too (MAE: 8)')
-    a('--decoder-dim', type=int, default=512, help='decoder width (MAE, official DeepMIM)')
-    a('--decoder-heads', type=int, default=16, help='decoder heads (MAE, official DeepMIM)')
-    a('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
-      help='per-patch normalized pixel targets (MAE recipe; paper silent; the official command sets it)')
-    a('--target', choices=['pixel', 'clip'], default='pixel', help='Tab. 2, 11: pixels, or CLIP-B/16 features')
-    a('--teacher', default=None, help="OpenAI CLIP ViT-B-16.pt for --target clip (frozen, not saved)")
-    a('--hybrid-mae', default=None, help='Sec. 3: frozen MAE with decoder (mae_visualize_vit_*.pth) for hybrid targets')
-    a('--hybrid-model', default='vit_large', help='architecture of --hybrid-mae (the paper names no size)')
-    a('--alphas', type=parse_alphas, default=None,
-      help='Eq. 1 blending ratio per decoder, taps then last (Tab. 9: 0,1/3,2/3,1; default: evenly spaced 0..1)')
-    a('--crop-scale', type=float, nargs=2, default=(0.2, 1.0), help='RandomResizedCrop scale (MAE)')
+    parser.add_argument('--mask-ratio', type=float, default=0.75, help='App. A: 75%% of the patches are masked (MAE)')
+    parser.add_argument('--taps', type=parse_taps, default=(6, 8, 10),
+                        help="Sec. 3, Tab. 8: extra decoders on these blocks; '' = MAE")
+    parser.add_argument('--decoder-depth', type=int, default=4,
+                        help='Sec. 3: 4 blocks per decoder, the last one too (MAE: 8)')
+    parser.add_argument('--decoder-dim', type=int, default=512, help='decoder width (MAE, official DeepMIM)')
+    parser.add_argument('--decoder-heads', type=int, default=16, help='decoder heads (MAE, official DeepMIM)')
+    parser.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction, default=True,
+                        help='per-patch normalized pixel targets (MAE recipe; paper silent; the official command sets it)')
+    parser.add_argument('--target', choices=['pixel', 'clip'], default='pixel',
+                        help='Tab. 2, 11: pixels, or CLIP-B/16 features')
+    parser.add_argument('--teacher', default=None, help="OpenAI CLIP ViT-B-16.pt for --target clip (frozen, not saved)")
+    parser.add_argument('--hybrid-mae', default=None,
+                        help='Sec. 3: frozen MAE with decoder (mae_visualize_vit_*.pth) for hybrid targets')
+    parser.add_argument('--hybrid-model', default='vit_large', help='architecture of --hybrid-mae (the paper names no size)')
+    parser.add_argument('--alphas', type=parse_alphas, default=None,
+                        help='Eq. 1 blending ratio per decoder, taps then last (Tab. 9: 0,1/3,2/3,1; '
+                             'default: evenly spaced 0..1)')
+    parser.add_argument('--crop-scale', type=float, nargs=2, default=(0.2, 1.0), help='RandomResizedCrop scale (MAE)')
     parser.set_defaults(
         model='vit_base', img_size=224,         # Sec. 5: ViT-B/16 at 224
         batch_size=512,                         # x 8 GPUs = 4096 (App. A)
@@ -162,7 +166,7 @@ class DeepMIM(common.VisionTransformer):
         x = self.add_pos(self.patch_embed(img))  # [B, L, D]
         x = self.add_cls(torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])))  # MAE: visible only
         outs, start = [], 0
-        for t in self.taps:  # Sec. 3.2: the deep supervision taps, 1-indexed blocks
+        for t in self.taps:  # Sec. 3, Multi-decoder: the deep supervision taps, 1-indexed blocks
             x = self.run_blocks(x, self.blocks[start:t])
             outs.append(x)
             start = t
@@ -285,7 +289,7 @@ def norm_pix(target):
 
 
 def forward_loss(pred, target, mask, norm_pix_loss=True):
-    """Eq. 2, one term: MSE per patch, averaged over the masked patches only (MAE).
+    """Eq. 2, one term ||M(t_i) - p_i||^2: the MSE per patch, averaged over the masked patches (MAE).
     pred, target: [B, L, P]; mask: [B, L], 1 = masked."""
     target = norm_pix(target) if norm_pix_loss else target
     loss = ((pred.float() - target) ** 2).mean(-1)  # [B, L]

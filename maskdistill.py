@@ -69,7 +69,18 @@ def get_args(argv=None):
         drop_path=0.1,                     # Tab. 11: 0.1 (B), 0.2 (L), 0.25 (H)
         clip_grad=3.0,                     # Tab. 11
         output_dir='out/maskdistill')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the shared flags are checked there (common.validate_args)
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio <= 1:
+        raise common.UsageError(f"--mask-ratio must be in [0, 1] (got {args.mask_ratio})")
+    if num_masked(args, (args.img_size // args.patch_size,) * 2) < 1 and args.loss_on == 'masked':
+        raise common.UsageError(f"--mask-ratio {args.mask_ratio} masks no patch, so the masked loss has nothing to "
+                                "average: use --loss-on all for knowledge distillation (Tab. 5), or a larger ratio")
+    return args
+
+
+def num_masked(args, grid):
+    """Patches masked per image: BEiT v2's 75 of 196 (scaled to the grid), or int(ratio * L)."""
+    return common.beit_num_masked(grid) if args.mask_ratio is None else int(args.mask_ratio * grid[0] * grid[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +130,8 @@ def load_teacher(args, grid):
         else:
             vit, _ = common.build_encoder(path)
             proj, mean, std = None, common.IMAGENET_MEAN, common.IMAGENET_STD  # timm teachers keep ImageNet's
-    except common.UsageError as e:  # every message names the file and the formats we read
-        raise common.UsageError(f"{e if path in str(e) else f'{path}: {e}'} ({formats})") from None
+    except common.UsageError as e:  # the loaders' messages name the file; add the formats we read
+        raise common.UsageError(f"{e} ({formats})") from None
     if args.teacher_proj and proj is None:
         raise common.UsageError("--teacher-proj needs a CLIP teacher (--teacher-type clip): timm ViTs have no projection")
     if vit.patch_embed.grid != grid:
@@ -145,16 +156,11 @@ class MaskDistill(common.VisionTransformer):
     def __init__(self, args):
         width, depth, heads = common.model_size(args.model)
         # Sec. 4.1 follows BEiT: one relative position bias shared by all blocks and no absolute
-        # position embedding (BEiT pretrains without one); --no-rel-pos-bias gives Eq. 2's learnable
-        # absolute embedding instead (the Tab. 2 row without Rel. Pos.)
+        # position embedding (BEiT pretrains without one); --no-rel-pos-bias gives the learnable absolute
+        # embedding of Sec. 3 (added after Eq. 2) instead: the Tab. 2 row without Rel. Pos.
         super().__init__(img_size=args.img_size, patch_size=args.patch_size, embed_dim=width, depth=depth,
                          num_heads=heads, drop_path_rate=args.drop_path, init_values=args.layer_scale,
                          rel_pos_bias=args.rel_pos_bias, pos_embed='none' if args.rel_pos_bias else 'learn')
-        if args.mask_ratio is not None and not 0 <= args.mask_ratio <= 1:
-            raise common.UsageError(f"--mask-ratio must be in [0, 1] (got {args.mask_ratio})")
-        if num_masked(args, self.patch_embed.grid) < 1 and args.loss_on == 'masked':
-            raise common.UsageError(f"--mask-ratio {args.mask_ratio} masks no patch, so the masked loss has nothing to "
-                                    "average: use --loss-on all for knowledge distillation (Tab. 5), or a larger ratio")
         self.loss_on, self.beta = args.loss_on, args.beta
         self.init_weights('beit')  # Sec. 4.1 follows BEiT v2, whose pretraining code inits so
         self.mask_token = nn.Parameter(common.beit_trunc_normal_(torch.empty(1, 1, width)))
@@ -169,20 +175,27 @@ class MaskDistill(common.VisionTransformer):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] ImageNet-normalized; [B, L], 1 = masked
         if 'jitter' in batch:  # the colour jitter the data workers drew, applied here (teacher and student see it)
             img = common.renormalize_unit(common.color_jitter(common.unnormalize(img), batch['jitter'], hue=False))
+        # Eq. (2): e_i = delta(i in M) e_M + (1 - delta(i in M)) e_i, one shared mask token e_M for the
+        # masked patch embeddings (BEiT); then the class token, position information and blocks
         x = self.patch_embed(img)  # [B, L, D]
-        w = mask.unsqueeze(-1).to(x.dtype)  # Eq. (2): masked patches enter as the mask token, as in BEiT
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # [B, 1 + L, D]
-        pred = self.head_distill(z[:, self.num_prefix:])  # [B, L, D_t]
-        target = self.teacher(img)  # [B, L, D_t] from the full, unmasked image
+        w = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1], delta(i in M)
+        x = w * self.mask_token.to(x.dtype) + (1 - w) * x
+        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # S(I_masked): [B, 1 + L, D]
+        pred = self.head_distill(z[:, self.num_prefix:])  # o = H(S(I_masked)): [B, L, D_t]
+        target = self.teacher(img)  # t = T(I_full): [B, L, D_t], the same crop unmasked (Eq. 1)
         loss = forward_loss(pred, target, mask if self.loss_on == 'masked' else torch.ones_like(mask), self.beta)
         return loss, {}
 
 
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
 def forward_loss(pred, target, mask, beta=1.0):
-    """Eq. (3): L = 1/|M| sum_{i in M} SmoothL1(o_i, LN(t_i)), where LN is a LayerNorm without affine
-    parameters (eps 1e-5, PyTorch's default; the paper gives none) and SmoothL1 is averaged over the
-    D_t channels. pred, target: [B, L, D_t]; mask: [B, L], 1 = masked (all ones for --loss-on all)."""
+    """Eq. (3): L = 1/|M| sum_{i in M} SmoothL1(o_i, LN(t_i)), where LN (the normalization N of Eq. 1)
+    is a LayerNorm without affine parameters (eps 1e-5, PyTorch's default; the paper gives none) and
+    SmoothL1 is averaged over the D_t channels. pred, target: [B, L, D_t]; mask: [B, L], 1 = masked
+    (all ones for --loss-on all)."""
     target = F.layer_norm(target.float(), target.shape[-1:])
     loss = F.smooth_l1_loss(pred.float(), target, reduction='none', beta=beta).mean(-1)  # [B, L]
     return (loss * mask).sum() / mask.sum()
@@ -190,11 +203,6 @@ def forward_loss(pred, target, mask, beta=1.0):
 
 # ----------------------------------------------------------------------------------------------
 # Main
-
-
-def num_masked(args, grid):
-    """Patches masked per image: BEiT v2's 75 of 196 (scaled to the grid), or int(ratio * L)."""
-    return common.beit_num_masked(grid) if args.mask_ratio is None else int(args.mask_ratio * grid[0] * grid[1])
 
 
 def train_transform(args):

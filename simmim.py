@@ -67,8 +67,8 @@ def get_args(argv=None):
 
 
 class SimMIM(common.VisionTransformer):
-    """A ViT whose masked patch embeddings are replaced by `mask_token`, with a linear head that
-    predicts each patch's p*p*3 pixels (Sec. 3.3, Tab. 2). Encoder keys are timm's; the method's
+    """A ViT whose masked patch embeddings are replaced by `mask_token` (Sec. 3.2), with a linear head
+    that predicts each patch's p*p*3 pixels (Sec. 3.3, Tab. 2). Encoder keys are timm's; the method's
     own parts are `mask_token` and `head_pred`."""
     no_weight_decay = ('cls_token', 'pos_embed')  # besides 1-D and biases: the released code's skip list
 
@@ -80,22 +80,23 @@ class SimMIM(common.VisionTransformer):
         self.init_weights('beit')  # released code: BEiT's truncated-normal init and fix_init_weight
         self.loss_on, self.mask_ratio, self.mask_patch_size = args.loss_on, args.mask_ratio, args.mask_patch_size
         self.mask_token = nn.Parameter(common.beit_trunc_normal_(torch.empty(1, 1, width)))
-        # one linear layer (Tab. 2); released code: a 1x1 conv outside the encoder, PyTorch's default init
+        # Sec. 3.3, Tab. 2: one linear layer; released code: a 1x1 conv outside the encoder, PyTorch's default init
         self.head_pred = nn.Linear(width, args.patch_size ** 2 * 3)
 
     def predict(self, img, mask):
-        """Sec. 3.1: masked patches enter the encoder as the learnable mask token (before the position
-        information, as the released code); the linear head predicts every patch's pixels [B, L, p*p*3]."""
+        """img [B, 3, H, W], mask [B, L] (1 = masked) -> every patch's predicted pixels [B, L, p*p*3]."""
         x = self.patch_embed(img)  # [B, L, D]
-        w = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1], 1 = masked
+        # Sec. 3.2: one learnable mask token vector replaces each masked patch embedding, before the
+        # position information is added (released code)
+        w = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1]
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # [B, 1 + L, D]
-        return self.head_pred(z[:, self.num_prefix:])
+        z = self.norm(self.run_blocks(self.add_cls(self.add_pos(x))))  # [B, 1 + L, D], all tokens
+        return self.head_pred(z[:, self.num_prefix:])  # [B, L, p*p*3], each patch from its own token
 
     def forward(self, batch):
         img, mask = batch['img'], batch['mask'].flatten(1)  # [B, 3, H, W] normalized; [B, L], 1 = masked
         pred = self.predict(img, mask)  # [B, L, p*p*3]
-        target = common.patchify(img, self.patch_size)  # [B, L, p*p*3]
+        target = common.patchify(img, self.patch_size)  # [B, L, p*p*3], Sec. 3.4: the pixels (normalized, released code)
         loss = forward_loss(pred, target, mask if self.loss_on == 'masked' else torch.ones_like(mask))
         return loss, {}
 
@@ -105,8 +106,9 @@ class SimMIM(common.VisionTransformer):
 
 
 def forward_loss(pred, target, mask):
-    """Sec. 3.5: L1 on the masked pixels, sum(|y - x| * M) / (sum(M) + 1e-5) / 3, where M counts
-    pixels (each masked patch has p*p of them) and the / 3 averages over the colour channels.
+    """Sec. 3.4, Eq. (1): L = ||y_M - x_M||_1 / Omega(x_M), the L1 distance on the masked pixels M
+    over their number of values. As the released code: sum(|y - x| * M) / (sum(M) + 1e-5) / 3, where
+    M counts pixels (p*p per masked patch) and the / 3 counts the colour channels.
     pred, target: [B, L, p*p*3]; mask: [B, L], 1 = masked."""
     pixels_per_patch = pred.shape[-1] // 3
     l1 = (pred.float() - target).abs().sum(-1)  # [B, L], summed over the patch's pixels and channels
