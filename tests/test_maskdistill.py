@@ -222,6 +222,21 @@ def test_teacher_frozen_no_grad_and_not_saved(clip_file):
     assert model.head_distill.out_features == 64  # the teacher's last-layer width
 
 
+def test_student_sees_the_mask_token_in_place_of_masked_patches(clip_file):
+    """Eq. (2): masked patch embeddings are replaced by the shared e_M; their pixels reach the teacher only."""
+    torch.manual_seed(0)
+    model = maskdistill.MaskDistill(teacher_args(clip_file)).eval()
+    target = torch.randn(2, 64, model.teacher.out_dim)
+    model.teacher.forward = lambda img: target  # the student's side alone
+    img, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, 8, 8) < 0.5).float()  # 8 x 8 patches of 4 px
+    m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).bool()  # [B, 1, H, W]
+    with torch.no_grad():
+        loss, _ = model({'img': img, 'mask': mask})
+        torch.testing.assert_close(model({'img': torch.where(m, torch.randn_like(img), img), 'mask': mask})[0], loss)
+        model.mask_token.add_(torch.randn_like(model.mask_token))  # (a constant shift would vanish in the LayerNorms)
+        assert not torch.allclose(model({'img': img, 'mask': mask})[0], loss)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 

@@ -18,7 +18,7 @@ def test_loss_equals_pixel_space_formula():
     img, rec = torch.randn(B, 3, H, H), torch.randn(B, 3, H, H)
     mask = (torch.rand(B, (H // p) ** 2) < 0.5).float()
     m = mask.reshape(B, H // p, H // p).repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)  # [B, 1, H, W]
-    want = ((rec - img).abs() * m).sum() / (m.sum() + 1e-5) / 3  # Sec. 3.5 / official code
+    want = ((rec - img).abs() * m).sum() / (m.sum() + 1e-5) / 3  # Sec. 3.4, Eq. (1) / released code
     got = simmim.forward_loss(common.patchify(rec, p), common.patchify(img, p), mask)
     torch.testing.assert_close(got, want)
     rec2 = torch.where(m.bool(), rec, torch.randn_like(rec))  # change only the visible pixels
@@ -31,6 +31,19 @@ def test_state_dict_is_timm_encoder_plus_method_parts():
     extra = set(model.state_dict()) - set(vit.state_dict())
     assert extra == {'mask_token', 'head_pred.weight', 'head_pred.bias'}
     assert model.head_pred.out_features == 4 * 4 * 3  # one linear layer to the patch's pixels
+
+
+def test_masked_patches_enter_as_the_mask_token():
+    """Sec. 3.2: a masked patch's pixels never reach the encoder; the mask token stands in its place."""
+    torch.manual_seed(0)
+    model = simmim.SimMIM(simmim.get_args(ARGS)).eval()
+    img, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, 64) < 0.5).float()  # 8 x 8 patches of 4 px
+    m = mask.reshape(2, 8, 8).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).bool()  # [B, 1, H, W]
+    with torch.no_grad():
+        pred = model.predict(img, mask)
+        torch.testing.assert_close(model.predict(torch.where(m, torch.randn_like(img), img), mask), pred)
+        model.mask_token.add_(torch.randn_like(model.mask_token))  # (a constant shift would vanish in the LayerNorms)
+        assert not torch.allclose(model.predict(img, mask), pred)
 
 
 def test_overfits_one_batch():
