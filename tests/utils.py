@@ -105,6 +105,9 @@ def tiny_vqgan(tmp):
 
 def tiny_clip(tmp):
     """A random CLIP-format image tower (OpenAI names, `proj` to 32 wide) for the same 8 x 8 grid."""
+    import torch
+
+    import common
     vit = common.VisionTransformer(32, 4, 64, 2, 1, pre_norm=True, act='quick_gelu', norm_eps=1e-5, patch_bias=False)
     sd = {}
     for k, v in vit.state_dict().items():
