@@ -219,6 +219,7 @@ def pixel_loss(pred, target):
 # Tokenizer: taming-transformers' VQGAN encoder and quantizer (vqgan_imagenet_f16_1024), with the
 # official module names so its Lightning checkpoint loads as is; the decoder is not needed.
 
+
 class ResnetBlock(nn.Module):  # pre-activation (swish = silu), GroupNorm 32; a 1x1 `nin_shortcut` where the width changes
     def __init__(self, cin, cout):
         super().__init__()
