@@ -797,11 +797,11 @@ def renormalize(x, mean, std):
     return torch.stack([x[:, c] * (IMAGENET_STD[c] / std[c]) + (IMAGENET_MEAN[c] - mean[c]) / std[c] for c in range(3)], 1)
 
 
-# Colour augmentations (MaskDistill's jitter, LUT's second view), batch-wise on the device. The data
-# workers only draw each image's parameters (jitter_params, lut_view2_params: the NumPy draws of the
-# PIL transforms these replace, in their order) and ship them beside the uint8 crop; the step applies
-# them to the whole batch with static shapes. Each op is PIL's formula, computed in float on [0, 1]
-# pixels: ImageEnhance blends, convert('L') luma, the HSV round trip, ImageOps.solarize, GaussianBlur.
+# Colour jitter (MaskDistill's, and LUT's second view: lut.view2), batch-wise on the device. The data
+# workers only draw each image's parameters (jitter_params: the NumPy draws of the PIL transforms
+# these replace, in their order) and ship them beside the uint8 crop; the step applies them to the
+# whole batch with static shapes. Each op is PIL's formula, computed in float on [0, 1] pixels:
+# ImageEnhance blends, convert('L') luma, the HSV round trip.
 
 BICUBIC = Image.Resampling.BICUBIC
 GRAY = (128, 128, 128)  # fill for pixels uncovered by geometric ops
@@ -822,16 +822,6 @@ def jitter_params(rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
         on.append(3)
     order = [on[i] for i in rng.permutation(len(on))] + [i for i in range(4) if i not in on]
     return np.array(factors + order, np.float32)
-
-
-def lut_view2_params(rng):
-    """LUT's view 2 (Sec. 5.1.2): jitter (0.4, 0.4, 0.2, 0.1) w.p. 0.8, then exactly one of grayscale,
-    solarize, blur (sigma ~ U[0.1, 2], SimCLR / BYOL), chosen uniformly instead of BYOL's independent
-    coins. Returns float32 [10]: jitter_params (identity when skipped), the op (0 gray, 1 solarize,
-    2 blur) and sigma."""
-    jitter = jitter_params(rng, 0.4, 0.4, 0.2, 0.1) if rng.random() < 0.8 else np.array([1, 1, 1, 0, 0, 1, 2, 3], np.float32)
-    k = rng.integers(3)
-    return np.append(jitter, [k, rng.uniform(0.1, 2.0) if k == 2 else 0.0]).astype(np.float32)
 
 
 def unnormalize(x):
@@ -875,33 +865,6 @@ def color_jitter(x, params, hue=True):
         blend = (base + f * (x - base)).clamp(0, 1)
         x = torch.where(op == 3, shift_hue(x, torch.round(f.view(-1) * 255)), blend) if hue else blend
     return x
-
-
-def solarize(x, threshold=128):
-    """ImageOps.solarize: invert every pixel >= threshold (BYOL: 128 of 255). x in [0, 1]."""
-    return torch.where(x >= (threshold - 0.5) / 255, 1 - x, x)
-
-
-def gaussian_blur(x, sigma, radius=6):
-    """ImageFilter.GaussianBlur(sigma) per image: x [B, C, H, W]; sigma [B] (0: unchanged). A separable
-    kernel of 2 radius + 1 taps (3 sigma at the largest sigma, 2), edges replicated as PIL does."""
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    w = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3)[:, None]) ** 2)  # [B, K]; sigma 0 -> the identity
-    w = (w / w.sum(1, keepdim=True)).view(-1, 1, 1, 2 * radius + 1)  # [B, 1, 1, K]
-    H, W = x.shape[-2:]
-    x = F.pad(x, (radius, radius, 0, 0), mode='replicate')  # shifted slices, not a conv: no autocast, no bf16
-    x = sum(w[..., k:k + 1] * x[..., k:k + W] for k in range(2 * radius + 1))  # [B, C, H, W]
-    x = F.pad(x, (0, 0, radius, radius), mode='replicate')
-    return sum(w[..., k:k + 1] * x[..., k:k + H, :] for k in range(2 * radius + 1))
-
-
-def lut_view2(img, params):
-    """LUT's view-2 colour augmentation on the device: img ImageNet-normalized [B, 3, H, W]; params
-    [B, 10] from lut_view2_params. Returns the augmented view, ImageNet-normalized."""
-    x = color_jitter(unnormalize(img), params[:, :8])
-    k = params[:, 8].view(-1, 1, 1, 1)
-    x = torch.where(k == 0, luma(x).expand_as(x), torch.where(k == 1, solarize(x), gaussian_blur(x, params[:, 9])))
-    return renormalize_unit(x)
 
 
 # RandAugment, timm 'rand-m9-mstd0.5-inc1' (MAE / BEiT fine-tuning)

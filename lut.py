@@ -250,7 +250,7 @@ class LUT(common.VisionTransformer):
     def forward(self, batch):
         img1, img2 = batch['img'], batch['img2']  # [B, 3, H, W] each; view 2 is the colour-augmented one
         if 'view2' in batch:  # its colour augmentations, drawn by the data workers, applied here on the device
-            img2 = common.lut_view2(img2, batch['view2'])
+            img2 = view2(img2, batch['view2'])
         B = img1.shape[0]
         (ids1, mask1, restore1), (ids2, _, restore2) = two_view_masking(
             torch.rand(B, self.num_patches, device=img1.device), self.mask_ratio)
@@ -275,24 +275,6 @@ class LUT(common.VisionTransformer):
         return loss_mae + self.context_weight * loss_context, {'mae': loss_mae, 'context': loss_context}  # Eq. (3)
 
 
-def forward_loss(img, pred, mask, patch_size, norm_pix=True):
-    """Eq. (1), MAE's loss: per-patch MSE to the pixels, each target patch normalized by its own mean
-    and (unbiased) variance with norm_pix, averaged over the masked patches only.
-    img: [B, 3, H, W]; pred: [B, L, p*p*3]; mask: [B, L], 1 = masked."""
-    target = common.patchify(img, patch_size)  # [B, L, p*p*3]
-    if norm_pix:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
-    loss = ((pred.float() - target) ** 2).mean(-1)  # [B, L]
-    return (loss * mask).sum() / mask.sum()
-
-
-def context_loss(q, z):
-    """Sec. 3.0.5, Eq. (2): the cosine distance 2 - 2 cos(q, z) = |q/|q| - z/|z||^2, averaged over
-    rows. Rows stack (view 1 online, view 2 target) on (view 2 online, view 1 target), so the mean
-    is the symmetrized loss, the average of the two directions (public code). q, z: [N, D]."""
-    return (2 - 2 * (F.normalize(q.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)).mean()
-
-
 @torch.no_grad()
 def reconstruct(model, img, mask_seed=0):
     """MAE-style reconstruction for visualization: returns mask [B, L] (1 = masked) and the predicted
@@ -309,6 +291,28 @@ def reconstruct(model, img, mask_seed=0):
         target = common.patchify(img, p)  # [B, L, p*p*3]
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** .5 + target.mean(-1, keepdim=True)
     return mask, common.unpatchify(pred.float(), p, model.patch_embed.grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def forward_loss(img, pred, mask, patch_size, norm_pix=True):
+    """Eq. (1), MAE's loss: per-patch MSE to the pixels, each target patch normalized by its own mean
+    and (unbiased) variance with norm_pix, averaged over the masked patches only.
+    img: [B, 3, H, W]; pred: [B, L, p*p*3]; mask: [B, L], 1 = masked."""
+    target = common.patchify(img, patch_size)  # [B, L, p*p*3]
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    loss = ((pred.float() - target) ** 2).mean(-1)  # [B, L]
+    return (loss * mask).sum() / mask.sum()
+
+
+def context_loss(q, z):
+    """Sec. 3.0.5, Eq. (2): the cosine distance 2 - 2 cos(q, z) = |q/|q| - z/|z||^2, averaged over
+    rows. Rows stack (view 1 online, view 2 target) on (view 2 online, view 1 target), so the mean
+    is the symmetrized loss, the average of the two directions (public code). q, z: [N, D]."""
+    return (2 - 2 * (F.normalize(q.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,10 +340,48 @@ def simple_resized_crop(rng, img, size, pad=4):
     return Image.fromarray(a[top:top + size, left:left + size])
 
 
+def view2_params(rng):
+    """LUT's view 2 (Sec. 5.1.2): jitter (0.4, 0.4, 0.2, 0.1) w.p. 0.8, then exactly one of grayscale,
+    solarize, blur (sigma ~ U[0.1, 2], SimCLR / BYOL), chosen uniformly instead of BYOL's independent
+    coins. Returns float32 [10]: jitter_params (identity when skipped), the op (0 gray, 1 solarize,
+    2 blur) and sigma."""
+    identity = np.array([1, 1, 1, 0, 0, 1, 2, 3], np.float32)  # jitter_params with every op off
+    jitter = common.jitter_params(rng, 0.4, 0.4, 0.2, 0.1) if rng.random() < 0.8 else identity
+    k = rng.integers(3)
+    return np.append(jitter, [k, rng.uniform(0.1, 2.0) if k == 2 else 0.0]).astype(np.float32)
+
+
+def solarize(x, threshold=128):
+    """ImageOps.solarize: invert every pixel >= threshold (BYOL: 128 of 255). x in [0, 1]."""
+    return torch.where(x >= (threshold - 0.5) / 255, 1 - x, x)
+
+
+def gaussian_blur(x, sigma, radius=6):
+    """ImageFilter.GaussianBlur(sigma) per image: x [B, C, H, W]; sigma [B] (0: unchanged). A separable
+    kernel of 2 radius + 1 taps (3 sigma at the largest sigma, 2), edges replicated as PIL does."""
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    w = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3)[:, None]) ** 2)  # [B, K]; sigma 0 -> the identity
+    w = (w / w.sum(1, keepdim=True)).view(-1, 1, 1, 2 * radius + 1)  # [B, 1, 1, K]
+    H, W = x.shape[-2:]
+    x = F.pad(x, (radius, radius, 0, 0), mode='replicate')  # shifted slices, not a conv: no autocast, no bf16
+    x = sum(w[..., k:k + 1] * x[..., k:k + W] for k in range(2 * radius + 1))  # [B, C, H, W]
+    x = F.pad(x, (0, 0, radius, radius), mode='replicate')
+    return sum(w[..., k:k + 1] * x[..., k:k + H, :] for k in range(2 * radius + 1))
+
+
+def view2(img, params):
+    """LUT's view-2 colour augmentation on the device: img ImageNet-normalized [B, 3, H, W]; params
+    [B, 10] from view2_params. Returns the augmented view, ImageNet-normalized."""
+    x = common.color_jitter(common.unnormalize(img), params[:, :8])
+    k = params[:, 8].view(-1, 1, 1, 1)
+    x = torch.where(k == 0, common.luma(x).expand_as(x), torch.where(k == 1, solarize(x), gaussian_blur(x, params[:, 9])))
+    return common.renormalize_unit(x)
+
+
 def train_transform(args):
     """Two views per image (Sec. 3.0.4, 5.1.2), crop and flip drawn independently; view 2 also gets
     colour jitter (p 0.8) and one of grayscale / solarize / blur: their parameters are drawn here
-    (common.lut_view2_params) and applied on the device, in forward (common.lut_view2)."""
+    (view2_params) and applied on the device, in forward (view2)."""
     def view(rng, img):
         if args.views == 'src':
             return common.hflip(rng, simple_resized_crop(rng, img, args.img_size))
@@ -349,7 +391,7 @@ def train_transform(args):
         if args.views == 'src':
             img = resize_short_side(img, args.img_size)  # once for both views (then a no-op in each)
         return {'img': common.to_tensor(view(rng, img)), 'img2': common.to_tensor(view(rng, img)),
-                'view2': torch.from_numpy(common.lut_view2_params(rng))}
+                'view2': torch.from_numpy(view2_params(rng))}
     return transform
 
 

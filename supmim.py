@@ -47,9 +47,8 @@ def get_args(argv=None):
     parser.add_argument('--randaug', type=float, nargs=2, default=(2, 15), metavar=('OPS', 'MAGNITUDE'),
                         help="AugReg 'medium2' for B/16 and L/16 on ImageNet-1k: big_vision's randaug(2, 15)")
     parser.add_argument('--mixup', type=float, default=0.5, help="AugReg 'medium2': mixup alpha 0.5 (0 = off)")
-    parser.add_argument('--dropout', type=float, default=0.1,
-                        help="AugReg ViT-B/16 i1k 300ep ('do_0.1' in its checkpoint names): after the embedding, "
-                             "the attention output and inside and after the MLP (big_vision / vit_jax ViT)")
+    parser.add_argument('--dropout', type=float, default=0.1, help="AugReg ViT-B/16 i1k 300ep ('do_0.1' in its checkpoint "
+                        "names): after the embedding, the attention output and inside and after the MLP (big_vision ViT)")
     parser.add_argument('--head-bias', type=float, default=-6.9,
                         help="big_vision vit_i1k.py init_head_bias = -6.9 = -log(1000): sigmoids start at 1/1000")
     parser.set_defaults(
@@ -68,17 +67,8 @@ def get_args(argv=None):
         args.weight_decay = 0.1 if args.model in ('vit_large', 'vit_huge') else 0.03
     if not 0 <= args.mask_ratio < 1:
         raise common.UsageError(f"--mask-ratio must be in [0, 1) (got {args.mask_ratio})")
-    # ImageFolder data: main() sets it from the folder's classes; synthetic data has 10
-    args.num_classes = len(common.SyntheticImages.SHAPES) if args.data == 'synthetic' else None
+    args.num_classes = len(common.SyntheticImages.SHAPES) if args.data == 'synthetic' else None  # else main() sets it
     return args
-
-
-def check_tokenizer(args):
-    """At the start of main() (before the dataset scan) and in SupMIM(); get_args leaves it out, so that
-    the defaults parse without the file."""
-    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:
-        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
-                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +77,7 @@ def check_tokenizer(args):
 
 class SupMIM(common.VisionTransformer):
     """A ViT classifier (`head`, timm names) plus the MIM decoder (`decoder_*`) and the frozen VQGAN
-    (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4).
-    GAP follows [63]'s ViT (big_vision): the final LayerNorm `norm` on every token, then the mean."""
+    (`tokenizer.*`, never saved). GAP for both tasks means no [CLS] token at all (Sec. 3.1, Fig. 4)."""
     frozen_prefixes = ('tokenizer.',)
     # big_vision decays only kernels (optax.py: wd_mults [('.*/kernel$', 1.0)]): no decay on the embeddings either
     no_weight_decay = ('pos_embed', 'cls_token', 'decoder_pos_embed')
@@ -106,49 +95,35 @@ class SupMIM(common.VisionTransformer):
         # big_vision ViT: zero classifier weights (head_zeroinit); bias -6.9 (vit_i1k.py's init_head_bias)
         nn.init.zeros_(self.head.weight)
         nn.init.constant_(self.head.bias, args.head_bias)
-        self.pool_cls, self.mim_weight, self.mask_ratio, self.target = args.pool_cls, args.mim_weight, args.mask_ratio, args.target
-        self.pool_mim, self.mask_cls_input, self.mixup_alpha = args.pool_mim, args.mask_cls_input, args.mixup
-        self.num_classes, self.tokenizer = args.num_classes, None
-        # lambda 0: the MIM branch is neither built nor run. The baseline then costs what a supervised
-        # run costs, and DDP meets no parameter without a gradient (a decoder multiplied by 0 would
-        # still be all-reduced every step, for nothing).
-        self.decoder_blocks = None
+        self.pool_cls, self.pool_mim, self.mask_cls_input = args.pool_cls, args.pool_mim, args.mask_cls_input
+        self.mim_weight, self.mask_ratio, self.target = args.mim_weight, args.mask_ratio, args.target
+        self.mixup_alpha, self.num_classes = args.mixup, args.num_classes
+        # lambda 0: no MIM branch, built or run: the baseline costs a supervised run's, DDP meets no unused parameter
+        self.tokenizer = self.decoder_blocks = None
         if self.mim_weight == 0:
             return
-        grid = self.patch_embed.grid
+        grid, out = self.patch_embed.grid, args.patch_size ** 2 * 3  # --target pixels: p*p*3 values per patch
         if args.target == 'tokens':
-            check_tokenizer(args)
-            self.tokenizer = load_vqgan(args.tokenizer)
+            self.tokenizer = load_vqgan(args.tokenizer)  # frozen; GroupNorm only: train() and eval() agree
             factor = 2 ** (len(self.tokenizer.encoder.down) - 1)
-            self.tokenizer_size = args.tokenizer_size or grid[0] * factor
-            tokens = self.tokenizer_size // factor
-            if self.tokenizer_size % factor or (tokens, tokens) != grid:  # Sec. 3.3: one token per patch
-                raise common.UsageError(
-                    f"the VQGAN's token grid ({self.tokenizer_size / factor:g}x{self.tokenizer_size / factor:g} at "
-                    f"--tokenizer-size {self.tokenizer_size}) differs from the encoder's patch grid ({grid[0]}x{grid[1]} "
-                    f"at --img-size {args.img_size} --patch-size {args.patch_size}): use --tokenizer-size "
-                    f"{grid[0] * factor}, or ViT/14 at 224 with a 256 px VQGAN as the paper (Sec. 4.1)")
+            size = self.tokenizer_size = args.tokenizer_size or grid[0] * factor
+            if size != grid[0] * factor or grid[0] != grid[1]:  # Sec. 3.3: one token per patch
+                t = f"{size / factor:g}"
+                raise common.UsageError(f"the VQGAN's token grid ({t}x{t} at --tokenizer-size {size}) differs "
+                                        f"from the encoder's patch grid ({grid[0]}x{grid[1]} at --img-size {args.img_size} "
+                                        f"--patch-size {args.patch_size}): use --tokenizer-size {grid[0] * factor}, "
+                                        "or ViT/14 at 224 with a 256 px VQGAN as the paper (Sec. 4.1)")
             out = self.tokenizer.quantize.embedding.num_embeddings  # 1024 logits per token
-        else:
-            out = args.patch_size ** 2 * 3
         # learned, like the encoder's 1D position embedding ("same set of parameters as the ViT-B
         # model", Sec. 3.1) and MAGE's decoder, whose [E]-filled layout SupMIM follows (Sec. 3.3)
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=.02)
+        self.decoder_pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, self.num_patches, width), std=.02))
         self.decoder_blocks = nn.ModuleList([common.Block(width, heads, 4.0, None, 0.0, nn.GELU(), 1e-6)
                                              for _ in range(args.decoder_depth)])  # pre-LN layers at the encoder width
-        self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
-        self.decoder_pred = nn.Linear(width, out)
+        self.decoder_norm, self.decoder_pred = nn.LayerNorm(width, eps=1e-6), nn.Linear(width, out)
         for m in [*self.decoder_blocks.modules(), self.decoder_pred]:
             if isinstance(m, nn.Linear):  # the encoder's init (MAE's xavier-uniform)
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.tokenizer is not None:
-            self.tokenizer.eval()  # frozen, always in inference mode
-        return self
 
     def pool(self, x):
         """Sec. 3.1: GAP "averages the encoded token embeddings at the transformer output" (after the
@@ -167,18 +142,15 @@ class SupMIM(common.VisionTransformer):
         return self.norm(self.run_blocks(self.add_cls(x)))
 
     @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
-    def mixup(self, img, labels):
-        """AugReg's mixup: one lambda ~ Beta(alpha, alpha) per batch, images and one-hot labels mixed
-        with the reversed batch. Returns (img, soft targets [B, C])."""
+    def mixup(self, img, labels):  # AugReg's: one lambda ~ Beta(a, a) per batch, with the reversed batch -> img, soft [B, C]
         rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
         return common.mixup_cutmix(rng, img, labels, self.num_classes, mixup_alpha=self.mixup_alpha,
                                    cutmix_alpha=0.0, label_smoothing=0.0)
 
     def decoder_input(self, latent, ids_restore):
-        """Sec. 3.3: "At the output of the encoder we produce a representation, denoted by [E], by
-        applying GAP to the unmasked encoded patches ... the original masked positions are replaced by
-        [E]." latent [B, prefix + K, D], the encoder output after its final norm; ids_restore [B, L]
-        -> [B, L, D]: the visible tokens back in their places, [E] (or [CLS], Fig. 4) at the masked ones."""
+        """Sec. 3.3: "At the output of the encoder we produce a representation, denoted by [E], by applying GAP
+        to the unmasked encoded patches ... the original masked positions are replaced by [E]." (or by [CLS],
+        Fig. 4). latent [B, prefix + K, D], after the final norm; ids_restore [B, L] -> [B, L, D]."""
         x = latent[:, self.num_prefix:]  # [B, K, D]
         B, K, D = x.shape
         fill = latent[:, :1] if self.pool_mim == 'cls' else x.mean(1, keepdim=True)  # [B, 1, D]: [CLS] or [E] = GAP
@@ -191,19 +163,12 @@ class SupMIM(common.VisionTransformer):
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))  # [B, L, 1024 token logits or p*p*3 pixels]
 
-    @torch.no_grad()
     def tokenize(self, img, chunk=64):
-        """VQGAN ids [B, L] of the augmented image: ImageNet normalization undone, scaled to [-1, 1]
-        and resized (bicubic, on the device) to the VQGAN's input size, 256 in the paper (Sec. 4.1).
-        In float32 with autocast off, so the ids are taming's (under bf16 autocast 3-4% differ), `chunk`
-        images at a time: the VQGAN's float32 temporaries peak at ~130 MiB per image at 256 px (8 GiB per chunk)."""
-        with torch.autocast(img.device.type, enabled=False):
-            x = common.renormalize(img.float(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1
-            if x.shape[-1] != self.tokenizer_size:
-                x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
-            if x.is_cuda:  # main() made the VQGAN channels-last: cuDNN's NHWC convolutions
-                x = x.contiguous(memory_format=torch.channels_last)
-            return torch.cat([self.tokenizer.tokenize(c) for c in x.split(chunk)])  # [B, L]
+        """VQGAN ids [B, L] of the image at the VQGAN's input size (256 px, Sec. 4.1), `chunk` images (~130 MiB each) at once."""
+        x = common.renormalize(img.float(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (p - 0.5) / 0.5 = 2p - 1
+        if x.shape[-1] != self.tokenizer_size:
+            x = F.interpolate(x, size=self.tokenizer_size, mode='bicubic', align_corners=False).clamp(-1, 1)
+        return torch.cat([self.tokenizer.tokenize(c) for c in x.split(chunk)])  # [B, L]
 
     def forward(self, batch):
         img, labels = batch['img'], batch['label']  # [B, 3, H, W] normalized, [B]
@@ -213,169 +178,22 @@ class SupMIM(common.VisionTransformer):
         if self.decoder_blocks is not None or self.mask_cls_input:
             noise = torch.rand(img.shape[0], self.num_patches, device=img.device)
             ids_keep, _, ids_restore = common.random_masking(noise, self.mask_ratio)  # [B, K], _, [B, L]
-        # (1) classification of the mixed image. Mixup stays out of the MIM task: the blend of two
-        # photos is no natural image, so its VQGAN tokens (or pixels) would be a target of neither.
+        # (1) classification of the mixed image (Eq. 1), of its visible patches with --mask-cls-input (Fig. 5).
+        # Mixup stays out of MIM: a blend of two photos is no natural image, its tokens a target of neither.
         mixed, targets = self.mixup(img, labels)
         loss_ce = sigmoid_cross_entropy(self.classify(mixed, ids_keep if self.mask_cls_input else None), targets)
         if self.decoder_blocks is None:
             return loss_ce, {'loss_ce': loss_ce}
-        # (2) MIM on the un-mixed image: only the visible patches are encoded (MAE), all are predicted
-        pred = self.forward_decoder(self.encode(img, ids_keep), ids_restore)
-        if self.target == 'tokens':
-            loss_mim = token_cross_entropy(pred, ids)
-        else:
-            loss_mim = pixel_loss(pred, common.patchify(img, self.patch_size))
+        # (2) MIM on the un-mixed image (Eq. 2): only the visible patches are encoded (MAE), all are predicted
+        pred = self.forward_decoder(self.encode(img, ids_keep), ids_restore)  # [B, L, V]
+        loss_mim = (token_cross_entropy(pred, ids) if self.target == 'tokens'
+                    else pixel_loss(pred, common.patchify(img, self.patch_size)))
         loss = loss_ce + self.mim_weight * loss_mim  # Eq. (3)
         return loss, {'loss_ce': loss_ce, 'loss_mim': loss_mim}
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer: taming-transformers' VQGAN encoder and quantizer (vqgan_imagenet_f16_1024), with the
-# official module names so its Lightning checkpoint loads as is; the decoder is not needed.
-
-VQGAN_HINT = ("expected taming-transformers' vqgan_imagenet_f16_1024 last.ckpt (Lightning) or a state dict "
-              "with encoder.*, quant_conv.*, quantize.embedding.weight")
-
-
-def swish(x):
-    return x * torch.sigmoid(x)
-
-
-class ResnetBlock(nn.Module):
-    """Pre-activation residual block (GroupNorm 32, eps 1e-6); a 1x1 `nin_shortcut` where the width
-    changes. Dropout is 0 in this model and left out."""
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(32, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(32, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over positions, 1x1-conv q/k/v/proj_out, scale c**-0.5, residual."""
-    def __init__(self, c):
-        super().__init__()
-        self.norm = nn.GroupNorm(32, c, eps=1e-6)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # [B, 1, HW, C]
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))  # [B, C, H, W]
-
-
-class Downsample(nn.Module):
-    """3x3 stride-2 conv after a zero pad on the right and bottom only: exactly halves H and W."""
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Encoder(nn.Module):
-    """conv_in; per level `down.i`: ResnetBlocks (+ AttnBlocks at `attn_levels`) then a Downsample
-    except after the last level; mid block/attn/block; norm_out, swish, conv_out."""
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, z_channels):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
-        self.down, c = nn.ModuleList(), ch
-        for i, mult in enumerate(ch_mult):
-            level = nn.Module()
-            level.block = nn.ModuleList([ResnetBlock(c if j == 0 else ch * mult, ch * mult) for j in range(num_res_blocks)])
-            level.attn = nn.ModuleList([AttnBlock(ch * mult) for _ in range(num_res_blocks)] if i in attn_levels else [])
-            c = ch * mult
-            if i < len(ch_mult) - 1:
-                level.downsample = Downsample(c)
-            self.down.append(level)
-        self.mid = nn.Module()  # a plain container: keys mid.block_1, mid.attn_1, mid.block_2
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-        self.norm_out, self.conv_out = nn.GroupNorm(32, c, eps=1e-6), nn.Conv2d(c, z_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            for j, block in enumerate(level.block):
-                h = level.attn[j](block(h)) if len(level.attn) else block(h)
-            if hasattr(level, 'downsample'):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
-
-
-class VectorQuantizer(nn.Module):
-    def __init__(self, n_embed, embed_dim):
-        super().__init__()
-        self.embedding = nn.Embedding(n_embed, embed_dim)  # key: quantize.embedding.weight
-
-    def forward(self, z):
-        """z [N, D] -> ids [N] of the nearest code, argmin_k |z|^2 + |e_k|^2 - 2 z.e_k, in float32."""
-        with torch.autocast('cuda' if z.is_cuda else 'cpu', enabled=False):
-            z, e = z.float(), self.embedding.weight.float()
-            return (z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()).argmin(1)  # [N, K] -> [N]
-
-
-class VQGANTokenizer(nn.Module):
-    """[B, 3, H, W] in [-1, 1] -> [B, (H/f) * (W/f)] code ids, row-major, f = 2 ** (levels - 1).
-    Defaults: the f16/1024 model (attention at level 4 = resolution 16 of a 256 px input)."""
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=256,
-                 embed_dim=256, n_embed=1024):
-        super().__init__()
-        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_levels, z_channels)
-        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantize = VectorQuantizer(n_embed, embed_dim)
-
-    @torch.no_grad()
-    def tokenize(self, x):
-        with torch.autocast('cuda' if x.is_cuda else 'cpu', enabled=False):  # float32 always: bf16 flips ~3% of the ids
-            z = self.quant_conv(self.encoder(x.float()))  # [B, D, h, w]
-            B, D, h, w = z.shape
-            return self.quantize(z.permute(0, 2, 3, 1).reshape(B * h * w, D)).reshape(B, h * w)  # [B*h*w, D] -> [B, h*w]
-
-
-def vqgan_config(sd, path):
-    """VQGANTokenizer arguments read off the checkpoint's shapes, so smaller VQGANs load as well."""
-    need = ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'quantize.embedding.weight')
-    if any(k not in sd for k in need):
-        raise common.UsageError(f"{path} misses {', '.join(k for k in need if k not in sd)}: {VQGAN_HINT}")
-    ch = sd['encoder.conv_in.weight'].shape[0]
-    levels = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.'))
-    n_embed, embed_dim = sd['quantize.embedding.weight'].shape
-    return dict(ch=ch, ch_mult=tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels)),
-                num_res_blocks=1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.')),
-                attn_levels=tuple(i for i in range(levels) if f'encoder.down.{i}.attn.0.q.weight' in sd),
-                z_channels=sd['encoder.conv_out.weight'].shape[0], embed_dim=embed_dim, n_embed=n_embed)
-
-
-def load_vqgan(path):
-    """The frozen tokenizer (eval mode, no gradients) from a Lightning last.ckpt or a plain state dict."""
-    if not os.path.isfile(path):
-        raise common.UsageError(f"VQGAN checkpoint not found: {path} (download vqgan_imagenet_f16_1024 "
-                                "last.ckpt, linked from the taming-transformers README)")
-    try:  # Lightning's last.ckpt loads with common.PICKLED's stand-ins: no Lightning needed, no code unpickled
-        ckpt = common.read_checkpoint(path, 'VQGAN checkpoint')
-    except common.UsageError as e:
-        raise common.UsageError(f"{e}: {VQGAN_HINT}") from None
-    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
-    sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'quant_conv.', 'quantize.'))}  # no decoder, loss
-    try:
-        model = VQGANTokenizer(**vqgan_config(sd, path))
-    except KeyError as e:
-        raise common.UsageError(f"{path} misses {e}: {VQGAN_HINT}") from None
-    own = model.state_dict()
-    bad = [f"{k} {tuple(sd[k].shape) if k in sd else 'missing'} vs {tuple(v.shape)}" for k, v in own.items()
-           if k not in sd or sd[k].shape != v.shape] + [f"{k} unexpected" for k in sd if k not in own]
-    if bad:
-        raise common.UsageError(f"{path} does not fit a VQGAN encoder ({len(bad)} keys, first: {', '.join(bad[:3])}): {VQGAN_HINT}")
-    model.load_state_dict(sd)
-    return model.eval().requires_grad_(False)
+# Loss
 
 
 def sigmoid_cross_entropy(logits, targets):
@@ -392,10 +210,127 @@ def token_cross_entropy(logits, ids):
 
 
 def pixel_loss(pred, target):
-    """--target pixels: MSE against per-patch normalized pixels (MAE's norm_pix_loss: unbiased
-    variance, eps 1e-6), averaged over all tokens. pred, target: [B, L, p*p*3]."""
+    """--target pixels (Fig. 1): MSE to MAE's per-patch normalized pixels, over all tokens. pred, target: [B, L, p*p*3]."""
     mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
     return ((pred.float() - (target - mean) / (var + 1e-6) ** .5) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: taming-transformers' VQGAN encoder and quantizer (vqgan_imagenet_f16_1024), with the
+# official module names so its Lightning checkpoint loads as is; the decoder is not needed.
+
+
+class ResnetBlock(nn.Module):  # pre-activation (swish = silu), GroupNorm 32; a 1x1 `nin_shortcut` where the width changes
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(32, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):  # single-head self-attention over positions, 1x1-conv q/k/v/proj_out, residual
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # [B, 1, HW, C]
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        return x + self.proj_out(o.transpose(2, 3).reshape(B, C, H, W))  # [B, C, H, W]
+
+
+class Downsample(nn.Module):  # 3x3 stride-2 conv after a zero pad on the right and bottom only: halves H and W
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Encoder(nn.Module):  # conv_in; per level `down.i`: blocks (+ attn), downsample but the last; mid; out
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_levels, z_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down, c = nn.ModuleList(), ch
+        for i, mult in enumerate(ch_mult):
+            level, cin, c = nn.Module(), c, ch * mult
+            level.block = nn.ModuleList([ResnetBlock(cin if j == 0 else c, c) for j in range(num_res_blocks)])
+            level.attn = nn.ModuleList([AttnBlock(c) for _ in range(num_res_blocks)] if i in attn_levels else [])
+            if i < len(ch_mult) - 1:
+                level.downsample = Downsample(c)
+            self.down.append(level)
+        self.mid = nn.Module()  # a plain container: keys mid.block_1, mid.attn_1, mid.block_2
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+        self.norm_out, self.conv_out = nn.GroupNorm(32, c, eps=1e-6), nn.Conv2d(c, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = level.attn[j](block(h)) if len(level.attn) else block(h)
+            if hasattr(level, 'downsample'):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid.block_2(self.mid.attn_1(self.mid.block_1(h))))))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)  # key: quantize.embedding.weight
+
+    def forward(self, z):  # z [N, D] -> ids [N] of the nearest code: argmin_k |z|^2 + |e_k|^2 - 2 z.e_k
+        e = self.embedding.weight
+        return (z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()).argmin(1)  # [N, K] -> [N]
+
+
+class VQGANTokenizer(nn.Module):
+    """[B, 3, H, W] in [-1, 1] -> [B, (H/f) * (W/f)] code ids, row-major, f = 2 ** (levels - 1).
+    Defaults: the f16/1024 model (attention at level 4 = resolution 16 of a 256 px input)."""
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=256,
+                 embed_dim=256, n_embed=1024):
+        super().__init__()
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_levels, z_channels)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        self.quantize = VectorQuantizer(n_embed, embed_dim)
+
+    @torch.no_grad()
+    def tokenize(self, x):
+        with torch.autocast('cuda' if x.is_cuda else 'cpu', enabled=False):  # float32 always: bf16 flips ~3% of the ids
+            z = self.quant_conv(self.encoder(x.float()))  # [B, D, h, w]
+            return self.quantize(z.permute(0, 2, 3, 1).flatten(0, 2)).view(z.shape[0], -1)  # [B*h*w, D] -> [B, h*w]
+
+
+def vqgan_config(sd):
+    """VQGANTokenizer arguments read off the checkpoint's shapes, so smaller VQGANs load as well."""
+    ch = sd['encoder.conv_in.weight'].shape[0]
+    levels = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('encoder.down.'))
+    n_embed, embed_dim = sd['quantize.embedding.weight'].shape
+    return dict(ch=ch, ch_mult=tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels)),
+                num_res_blocks=1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.')),
+                attn_levels=tuple(i for i in range(levels) if f'encoder.down.{i}.attn.0.q.weight' in sd),
+                z_channels=sd['encoder.conv_out.weight'].shape[0], embed_dim=embed_dim, n_embed=n_embed)
+
+
+def load_vqgan(path):  # the frozen tokenizer from a Lightning last.ckpt (no Lightning needed: common.PICKLED) or a state dict
+    ckpt = common.read_checkpoint(path, "VQGAN checkpoint (taming-transformers' vqgan_imagenet_f16_1024 last.ckpt)")
+    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
+    sd = {k: v for k, v in sd.items() if k.startswith(('encoder.', 'quant_conv.', 'quantize.'))}  # no decoder, loss
+    try:
+        model = VQGANTokenizer(**vqgan_config(sd))
+        model.load_state_dict(sd)
+    except (KeyError, ValueError, RuntimeError) as e:  # no such VQGAN: one line naming a key that does not fit
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[-1].strip()
+        raise common.UsageError(f"{path} does not fit a VQGAN encoder ({why}): expected taming's vqgan_imagenet_f16_1024 "
+                                "last.ckpt or a state dict of encoder.*, quant_conv.*, quantize.*") from None
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,14 +339,12 @@ def pixel_loss(pred, target):
 # always applied, fixed magnitude, and TF's level mappings, under which posterize and solarize weaken
 # with the magnitude (m=15: 6 bits kept, solarize threshold 384 = no-op).
 
-MAX_LEVEL = 10.0  # _MAX_LEVEL
 FILL = (128, 128, 128)  # replace_value: pixels uncovered by geometric ops, and Cutout
 SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')  # _randomly_negate_tensor
 
 
-def level_to_arg(name, level):
-    """big_vision's level_to_arg (cutout_const 40, translate_const 100), sign not yet drawn."""
-    x = level / MAX_LEVEL
+def level_to_arg(name, level):  # big_vision's (cutout_const 40, translate_const 100), sign not yet drawn
+    x = level / 10.0  # _MAX_LEVEL
     return {'Rotate': x * 30, 'Posterize': int(x * 4), 'Solarize': int(x * 256), 'SolarizeAdd': int(x * 110),
             'Color': x * 1.8 + 0.1, 'Contrast': x * 1.8 + 0.1, 'Brightness': x * 1.8 + 0.1, 'Sharpness': x * 1.8 + 0.1,
             'ShearX': x * 0.3, 'ShearY': x * 0.3, 'TranslateX': x * 100, 'TranslateY': x * 100, 'Cutout': int(x * 40)}.get(name)
@@ -425,8 +358,7 @@ def _affine(img, c):  # output pixel (x, y) <- input (c0 x + c1 y + c2, c3 x + c
     return img.transform(img.size, Image.Transform.AFFINE, c, Image.Resampling.NEAREST, fillcolor=FILL)
 
 
-def _cutout(img, half, rng):
-    """A (2 half)^2 square of 128 around a uniform random centre, clipped at the borders."""
+def _cutout(img, half, rng):  # a (2 half)^2 square of 128 around a uniform random centre, clipped at the borders
     a = np.array(img)  # [H, W, 3]
     cy, cx = rng.integers(a.shape[0]), rng.integers(a.shape[1])
     a[max(0, cy - half):cy + half, max(0, cx - half):cx + half] = FILL
@@ -453,15 +385,11 @@ BV_OPS = {  # name -> f(img, level_to_arg value with its sign, rng); PIL's ops a
 }
 
 
-def randaugment(rng, img, num_layers=2, magnitude=15):
-    """distort_image_with_randaugment: per layer one of the 16 ops, uniformly, always applied."""
-    names = list(BV_OPS)
+def randaugment(rng, img, num_layers=2, magnitude=15):  # distort_image_with_randaugment: per layer 1 of 16 ops, always applied
     for _ in range(num_layers):
-        name = names[rng.integers(len(names))]
+        name = list(BV_OPS)[rng.integers(len(BV_OPS))]
         v = level_to_arg(name, magnitude)
-        if name in SIGNED and rng.random() < 0.5:
-            v = -v
-        img = BV_OPS[name](img, v, rng)
+        img = BV_OPS[name](img, -v if name in SIGNED and rng.random() < 0.5 else v, rng)
     return img
 
 
@@ -481,23 +409,21 @@ def train_transform(args):
 
 
 @torch.no_grad()
-def evaluate(args, model, dataset):
-    """Top-1 (%) of the classifier on center crops, in this process."""
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+def evaluate(args, model, dataset):  # top-1 (%) of the classifier on center crops, in this process
+    device, correct = next(model.parameters()).device, 0
     model.eval()
-    correct, total = torch.zeros((), device=device), 0
-    for batch in loader:
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers):
         batch = common.to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == 'bf16'):
-            correct += (model.classify(batch['img']).argmax(-1) == batch['label']).sum()
-        total += len(batch['label'])
-    return 100 * correct.item() / total
+            correct += (model.classify(batch['img']).argmax(-1) == batch['label']).sum()  # summed on the device
+    return 100 * int(correct) / len(dataset)
 
 
 def main():
     args = get_args()
-    check_tokenizer(args)
+    if args.mim_weight > 0 and args.target == 'tokens' and not args.tokenizer:  # before the dataset scan
+        raise common.UsageError("--target tokens needs --tokenizer PATH (taming-transformers' vqgan_imagenet_f16_1024 "
+                                "last.ckpt); or use --target pixels, or --mim-weight 0 for the supervised baseline")
     dataset = common.build_dataset(args, train_transform(args))
     args.num_classes = len(dataset.classes)
     val = None

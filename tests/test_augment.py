@@ -1,5 +1,6 @@
-"""Photometric and batch augmentations in common.py: determinism, ranges, formulas; the device-side
-colour ops against torchvision's PIL ops (the reference pipelines) on the same parameters."""
+"""Photometric and batch augmentations in common.py (and LUT's view 2 in lut.py): determinism, ranges,
+formulas; the device-side colour ops against torchvision's PIL ops (the reference pipelines) on the
+same parameters."""
 import numpy as np
 import pytest
 import torch
@@ -13,9 +14,9 @@ except ImportError:
 needs_torchvision = pytest.mark.skipif(TF is None, reason='torchvision (requirements-test.txt) is the reference')
 from PIL import ImageFilter
 
-from common import (RA_OPS, color_jitter, erase, erasing_box, gaussian_blur, jitter_params, luma, lut_view2,
-                    lut_view2_params, mixup_cutmix, rand_augment, renormalize_unit, shift_hue,
-                    soft_target_cross_entropy, solarize, to_tensor, unnormalize)
+from common import (RA_OPS, color_jitter, erase, erasing_box, jitter_params, luma, mixup_cutmix, rand_augment,
+                    renormalize_unit, shift_hue, soft_target_cross_entropy, to_tensor, unnormalize)
+from lut import gaussian_blur, solarize, view2, view2_params
 
 
 def rand_img(seed=0, size=(48, 40)):
@@ -89,14 +90,14 @@ def test_jitter_params_are_torchvision_colorjitter_draws_in_the_old_order():
 
 def test_lut_view2_params_are_the_old_draws_and_distribution():
     for s in range(20):
-        rng, p = G(s), lut_view2_params(G(s))
+        rng, p = G(s), view2_params(G(s))
         jittered = rng.random() < 0.8
         if jittered:
             np.testing.assert_array_equal(p[:8], jitter_params(rng, 0.4, 0.4, 0.2, 0.1))
         k = rng.integers(3)
         assert p[8] == k and (p[9] == np.float32(rng.uniform(0.1, 2.0)) if k == 2 else p[9] == 0)
         assert jittered or list(p[:8]) == [1, 1, 1, 0, 0, 1, 2, 3]
-    p = np.stack([lut_view2_params(G(s)) for s in range(3000)])
+    p = np.stack([view2_params(G(s)) for s in range(3000)])
     jittered = (p[:, :4] != [1, 1, 1, 0]).any(1)
     assert 0.77 < jittered.mean() < 0.83  # p 0.8
     assert all(0.30 < (p[:, 8] == k).mean() < 0.37 for k in range(3))  # one of three, uniformly
@@ -159,8 +160,8 @@ def test_device_view2_matches_pil_pipeline_per_image():
     on the device vs uint8 after every PIL op: small differences, except single pixels near
     solarize's threshold that one side inverts and the other not."""
     for seed in range(3):
-        p = np.stack([lut_view2_params(G((seed, i))) for i in range(len(PHOTOS))])
-        got = on_device(lambda x: unnormalize(lut_view2(renormalize_unit(x), torch.from_numpy(p))))
+        p = np.stack([view2_params(G((seed, i))) for i in range(len(PHOTOS))])
+        got = on_device(lambda x: unnormalize(view2(renormalize_unit(x), torch.from_numpy(p))))
         last = [lambda im: TF.rgb_to_grayscale(im, 3), lambda im: TF.solarize(im, 128),
                 lambda im, s=0: im.filter(ImageFilter.GaussianBlur(s))]
         ref = with_pil(lambda i, im: (last[2](pil_jitter(im, p[i]), float(p[i, 9])) if p[i, 8] == 2

@@ -340,7 +340,7 @@ def test_vqgan_ids_match_taming_and_last_ckpt_loads_without_lightning(tmp_path, 
     with pytest.raises(pickle.UnpicklingError):  # Lightning's classes are not on torch's own allowlist
         torch.load(path, weights_only=True)
     tok = supmim.load_vqgan(str(path))
-    assert supmim.vqgan_config(tok.state_dict(), 'x')['attn_levels'] == (4,)
+    assert supmim.vqgan_config(tok.state_dict())['attn_levels'] == (4,)
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     want = taming_ids(parts, x)
     assert want.unique().numel() > 8  # many codes in use: the comparison is not trivial

@@ -288,8 +288,8 @@ def test_loss_matches_an_independent_computation(weight):
     ids1, ids2 = order[:, :K], order[:, K:2 * K]  # view 1: the K smallest, view 2: the next K
     mask1 = torch.ones(B, L).scatter_(1, ids1, 0.0)  # 1 = masked
     with torch.no_grad():
-        z1 = model.forward_features(batch['img'], ids_keep=ids1)  # [B, 1 + K, D]
-        z2 = model.forward_features(batch['img2'], ids_keep=ids2)
+        z1 = lut.encode(model, batch['img'], ids1)  # [B, 1 + K, D]
+        z2 = lut.encode(model, batch['img2'], ids2)
         pred, _ = model.forward_decoder(z1, order.argsort(1))
         mae = mae_loss_by_hand(batch['img'], pred, mask1, P)  # Eq. (1) on view 1 only
         # online: pooled visible tokens -> projector -> predictor, one view per BatchNorm batch
@@ -354,12 +354,12 @@ def test_two_view_masking_keeps_disjoint_sets(length, ratio):
 def test_forward_encodes_each_view_on_its_own_disjoint_patches(monkeypatch):
     model = make_model()
     seen = []
-    original = common.VisionTransformer.forward_features
+    original = lut.encode
 
-    def spy(self, x, ids_keep=None, **kw):
-        seen.append((self is model, ids_keep))
-        return original(self, x, ids_keep=ids_keep, **kw)
-    monkeypatch.setattr(common.VisionTransformer, 'forward_features', spy)
+    def spy(vit, x, ids_keep=None):
+        seen.append((vit is model, ids_keep))
+        return original(vit, x, ids_keep)
+    monkeypatch.setattr(lut, 'encode', spy)
     model(batch_of(n=4))
     online = [ids for is_online, ids in seen if is_online]
     target = [ids for is_online, ids in seen if not is_online]
@@ -426,7 +426,7 @@ def test_two_views_differ_and_view2_has_the_colour_augmentations():
         img = images[seed % 8]
         a = transform(np.random.default_rng(seed), img)
         b = transform(np.random.default_rng(10_000 + seed), img)
-        x = common.lut_view2(common.normalize(a['img2'][None]), a['view2'][None])  # as the step applies it
+        x = lut.view2(common.normalize(a['img2'][None]), a['view2'][None])  # as the step applies it
         a['img2'] = (common.unnormalize(x)[0] * 255).round().to(torch.uint8)
         for v in (a['img'], a['img2']):
             assert v.dtype == torch.uint8 and v.shape == (3, S, S)

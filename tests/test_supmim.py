@@ -82,8 +82,8 @@ def test_real_vqgan_keys_shapes_and_16x16_grid():
             n, res = n + 2, res // 2
     n += 8 + 10 + 8 + 2 + 2 + 2 + 1  # mid.block_1, attn_1, block_2, norm_out, conv_out, quant_conv, codebook
     assert len(sd) == n
-    assert supmim.vqgan_config(real.state_dict(), 'x') == dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                                                               attn_levels=(4,), z_channels=256, embed_dim=256, n_embed=1024)
+    assert supmim.vqgan_config(real.state_dict()) == dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                                                     attn_levels=(4,), z_channels=256, embed_dim=256, n_embed=1024)
     ids = real.tokenize(torch.rand(1, 3, 256, 256) * 2 - 1)  # the only full-size forward (~2 s)
     assert ids.shape == (1, 256) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 1024
 
@@ -135,7 +135,7 @@ def test_load_lightning_and_plain_state_dict(tiny_ckpt, tmp_path):
     src = VQGANTokenizer(**TINY_VQ)
     src.load_state_dict(torch.load(tiny_ckpt, weights_only=True)['state_dict'], strict=False)
     m = load_vqgan(tiny_ckpt)  # config read off the shapes, decoder and loss keys ignored
-    assert supmim.vqgan_config(m.state_dict(), 'x') == TINY_VQ
+    assert supmim.vqgan_config(m.state_dict()) == TINY_VQ
     assert not m.training and not any(p.requires_grad for p in m.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(m.tokenize(x), src.tokenize(x))
@@ -237,8 +237,8 @@ def test_mixup_reaches_only_the_classifier(monkeypatch):
     batch = make_batch(args)
     batch['label'] = torch.arange(4)  # distinct labels: lambda can be read off the targets
     seen = {'enc': [], 'targets': [], 'pixels': []}
-    forward_features = model.forward_features
-    monkeypatch.setattr(model, 'forward_features', lambda x, **kw: seen['enc'].append(x) or forward_features(x, **kw))
+    encode = model.encode
+    monkeypatch.setattr(model, 'encode', lambda x, ids_keep=None: seen['enc'].append(x) or encode(x, ids_keep))
     ce, pix = supmim.sigmoid_cross_entropy, supmim.pixel_loss
     monkeypatch.setattr(supmim, 'sigmoid_cross_entropy', lambda lg, t: seen['targets'].append(t) or ce(lg, t))
     monkeypatch.setattr(supmim, 'pixel_loss', lambda p, t: seen['pixels'].append(t) or pix(p, t))
@@ -295,9 +295,11 @@ def test_gap_and_E_come_after_the_final_norm():
     assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.fc_norm, nn.Identity) and model.num_prefix == 0
     img = torch.randn(2, 3, 32, 32)
     ids_keep, _, ids_restore = common.random_masking(torch.rand(2, 64), 0.2)
-    latent = model.forward_features(img, ids_keep=ids_keep)  # [2, 51, D]
-    h = model.forward_features(img, ids_keep=ids_keep, taps=(len(model.blocks),))[1][0]  # before the final norm
-    normed = F.layer_norm(h, (h.shape[-1],), eps=1e-6)  # weight 1, bias 0 at init
+    before = []  # the final norm's input
+    hook = model.norm.register_forward_hook(lambda m, args, out: before.append(args[0]))
+    latent = model.encode(img, ids_keep)  # [2, 51, D]
+    hook.remove()
+    normed = F.layer_norm(before[0], (latent.shape[-1],), eps=1e-6)  # weight 1, bias 0 at init
     torch.testing.assert_close(latent, normed)
     E = latent.mean(1)  # Sec. 3.3: GAP of the unmasked encoded patches
     x = model.decoder_input(latent, ids_restore)

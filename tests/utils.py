@@ -97,6 +97,8 @@ def official_mae_shapes(dim, depth, patch, num_patches, dec_dim, dec_depth):
 
 def tiny_vqgan(tmp):
     """--target tokens with a random 3-level VQGAN (f = 4: 8 x 8 tokens for the 8 x 8 patches of 32 px)."""
+    import torch
+
     import supmim
     path = os.path.join(tmp, 'vqgan.pth')
     torch.save(supmim.VQGANTokenizer(32, (1, 1, 2), 1, (2,), 32, 16, 64).state_dict(), path)
