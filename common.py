@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 
 class UsageError(Exception):  # bad input from the user: one line on stderr, exit status `code`
-    code = 2
-    agreed = False  # raised by every rank at once: rank 0 alone prints it
+    code, agreed = 2, False  # agreed: raised by every rank at once, so rank 0 alone prints it
 
 
 class NonFiniteLoss(UsageError):
@@ -62,7 +61,7 @@ def run(main):
     except UsageError as e:
         for sig in STOP_SIGNALS:  # exit with our code: torchrun's signal to the other ranks must not replace it
             signal.signal(sig, signal.SIG_IGN)
-        msg = str(e).strip().splitlines()[-1].split('UsageError: ')[-1]  # a DataLoader worker's: its last line
+        msg = str(e).strip().splitlines()[-1].split('UsageError: ')[-1]  # from a DataLoader worker: its last line
         if not e.agreed or int(os.environ.get('RANK', 0)) == 0:
             print(f"error: {msg}" if e.code else msg, file=sys.stderr)
         sys.exit(e.code)
@@ -79,8 +78,9 @@ def run(main):
 # ----------------------------------------------------------------------------------------------
 # Vision Transformer with timm's parameter names (a checkpoint's encoder loads into timm as is)
 
-# ViT sizes (ViT paper Tab. 1; tiny and small from DeiT): width, depth, heads, MLP ratio, then the models
-# timm.list_models() has of that size, f"{name}_{p}" for its VisionTransformer, f"{beit name}_{p}" for its Beit
+# ViT sizes (ViT paper Tab. 1; tiny and small from DeiT): width, depth, heads, MLP ratio, then the models timm
+# has of the size by the ends of their names: 'patch16_224' of vit_base is timm's vit_base_patch16_224 and, in
+# the last column, its Beit beit_base_patch16_224
 MODELS = {
     'vit_pico': (96, 4, 3, 4.0, '', ''),  # not a paper size: for the CPU quick start and the tests
     'vit_tiny': (192, 12, 3, 4.0, 'patch16_224 patch16_384', ''),
@@ -108,8 +108,7 @@ def sincos_pos_embed(dim, grid_h, grid_w, cls_token=False):
     return torch.cat([torch.zeros(1, dim), table.float()]) if cls_token else table.float()
 
 
-def resample_pos_embed(pos_embed, grid, num_prefix=1):
-    """Bicubic resampling of a [1, prefix + h*w, D] table to a new (h, w) grid, as MAE's fine-tuning."""
+def resample_pos_embed(pos_embed, grid, num_prefix=1):  # [1, prefix + h*w, D] to a new (h, w) grid, as MAE's
     prefix, table = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     old = int(math.sqrt(table.shape[1]))
     table = table.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, h, w]
@@ -118,8 +117,7 @@ def resample_pos_embed(pos_embed, grid, num_prefix=1):
     return torch.cat([prefix, table.to(pos_embed.dtype)], 1)
 
 
-def drop_path(x, p, training):
-    """Stochastic depth per sample: drop the whole residual branch with probability p."""
+def drop_path(x, p, training):  # stochastic depth: drop a sample's whole residual branch with probability p
     if p == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)
@@ -131,9 +129,10 @@ class QuickGELU(nn.Module):  # CLIP's activation
         return x * torch.sigmoid(1.702 * x)
 
 
-def rel_pos_index(grid):
-    """BEiT's relative positions: [N, N] (N = 1 + h*w, cls first) indices into a table with one row per
-    2D offset between patches, (2h - 1)(2w - 1) of them, then cls->patch, patch->cls and cls->cls."""
+def add_rel_pos_bias(m, grid, num_heads):
+    """BEiT's relative position bias on module m, under timm Beit's names: a table of a learned value per head
+    for each 2D offset between patches, (2h - 1)(2w - 1) of them, then cls->patch, patch->cls and cls->cls;
+    and the [N, N] index into it (N = 1 + h*w, cls first)."""
     h, w = grid
     n = (2 * h - 1) * (2 * w - 1)
     coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # [2, h*w]
@@ -141,12 +140,8 @@ def rel_pos_index(grid):
     index = torch.full((h * w + 1, h * w + 1), n + 2)
     index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1
     index[0, 1:], index[1:, 0] = n, n + 1
-    return index
-
-
-def add_rel_pos_bias(m, grid, num_heads):  # BEiT's (timm Beit's names): a learned value per head and relative position
-    m.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
-    m.register_buffer('relative_position_index', rel_pos_index(grid), persistent=False)
+    m.relative_position_bias_table = nn.Parameter(torch.zeros(n + 3, num_heads))
+    m.register_buffer('relative_position_index', index, persistent=False)
 
 
 class RelativePositionBias(nn.Module):  # one shared by all blocks (BEiT's pretraining)
@@ -221,8 +216,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def beit_trunc_normal_(t, std=.02):
-    """N(0, std) truncated at +-std, BEiT's and SimMIM's pretraining init (actual std ~0.54 std)."""
+def beit_trunc_normal_(t, std=.02):  # N(0, std) truncated at +-std: BEiT's and SimMIM's init (std ~0.54 std)
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
 
 
@@ -347,8 +341,7 @@ PICKLED = [argparse.Namespace] + [(type(name.rsplit('.', 1)[1], (), {'__new__': 
                                                'pytorch_lightning.utilities.parsing.AttributeDict', 'yacs.config.CfgNode')]
 
 
-def read_checkpoint(path, what='checkpoint'):
-    """torch.load(weights_only=True) with the PICKLED allowlist: a file that would run code is refused."""
+def read_checkpoint(path, what='checkpoint'):  # torch.load(weights_only=True), PICKLED allowed: no code runs
     if not os.path.isfile(path):
         raise UsageError(f"{what} file not found: {path}")
     try:
@@ -360,9 +353,14 @@ def read_checkpoint(path, what='checkpoint'):
                          "expected a file saved by torch.save holding a state dict (files that unpickle code are refused)")
 
 
+BEIT_NAMES = [('.gamma_1', '.ls1.gamma'), ('.gamma_2', '.ls2.gamma')]  # (BEiT's and timm Beit's, ours)
+
+
 def encoder_state_dict(ckpt, path='checkpoint'):
     """The ViT state dict under 'model', 'state_dict', DINO's 'teacher' or at the top level, under timm's
-    names: no `module.`, `_orig_mod.`, DINO's `backbone.` or SimMIM's `encoder.`, and BEiT's converted."""
+    names: no `module.`, `_orig_mod.`, DINO's `backbone.` or SimMIM's `encoder.`; official BEiT, BEiT v2 and
+    SimMIM names converted: gamma_1/2 -> ls1/2.gamma, q_bias, v_bias -> a qkv bias with a zero k bias (BEiT
+    has none), and their relative position indices checked against ours, then dropped."""
     sd = ckpt
     for key in ('model', 'state_dict', 'teacher'):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -376,20 +374,11 @@ def encoder_state_dict(ckpt, path='checkpoint'):
             if any(k.startswith('head.') for k in sd):
                 print(f"{path}: not loading the projection head (head.*), only {prefix}*")
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return from_beit(sd, path)
-
-
-BEIT_NAMES = [('.gamma_1', '.ls1.gamma'), ('.gamma_2', '.ls2.gamma')]  # (BEiT's and timm Beit's, ours)
-
-
-def from_beit(sd, path):
-    """Official BEiT, BEiT v2 and SimMIM names -> ours: gamma_1/2 -> ls1/2.gamma; q_bias, v_bias -> a qkv bias
-    with a zero k bias (BEiT has none); stored relative position indices are checked against ours, dropped."""
     out = {}
     for k, v in sd.items():
         if k.endswith('relative_position_index'):
             g = math.isqrt(v.shape[0] - 1)
-            if not torch.equal(v, rel_pos_index((g, g))):
+            if not torch.equal(v, RelativePositionBias((g, g), 1).relative_position_index):
                 raise UsageError(f"{path}: {k} is not BEiT's relative position index for a {g}x{g} grid")
             continue
         for beit, ours in BEIT_NAMES:
@@ -671,7 +660,8 @@ class SyntheticImages(ImageFolder):
         else:  # corners at equal angles, a bar's close to two opposite angles
             n, radii = self.POLYGONS[kind]
             a = rot + (np.array([-.3, .3, np.pi - .3, np.pi + .3]) if kind == 'bar' else np.arange(n) * 2 * np.pi / n)
-            draw.polygon([(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in zip(np.resize(radii, n) * s, a)], fill=color)
+            corners = zip(np.resize(radii, n) * s, a)  # (radius, angle) pairs
+            draw.polygon([(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in corners], fill=color)
         return img
 
 
