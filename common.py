@@ -1,7 +1,7 @@
-"""Shared mechanics of the five nanoMIM scripts: the ViT, masking, data, and the training loop.
+"""Shared mechanics of the five nanoMIM scripts: the ViT, checkpoints, masking, data, and the training loop.
 
-Method logic lives in the method scripts (simmim.py, maskdistill.py, deepmim.py, lut.py, supmim.py);
-this module only holds what all of them need. Conventions used everywhere:
+Method logic lives in the method scripts (simmim.py, maskdistill.py, deepmim.py, lut.py, supmim.py).
+Conventions used everywhere:
   - masks are 1 = masked, 0 = visible;
   - images leave the data pipeline as uint8 [B, 3, H, W] and are normalized on the device;
   - checkpoints hold the encoder under timm's ViT names at the top level of 'model'.
@@ -32,18 +32,15 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 
-class UsageError(Exception):
-    """Bad input from the user. Scripts print it as one line and exit with `code`."""
-    code = 2
-    agreed = False  # raised by every rank at once: rank 0 alone prints it
+class UsageError(Exception):  # bad input from the user: one line on stderr, exit status `code`
+    code, agreed = 2, False  # agreed: raised by every rank at once, so rank 0 alone prints it
 
 
 class NonFiniteLoss(UsageError):
     code, agreed = 3, True
 
 
-class Stopped(UsageError):
-    """A stop asked for by a signal (preemption): the checkpoint is saved; not a failure."""
+class Stopped(UsageError):  # a stop asked for by a signal (preemption), the checkpoint saved: not a failure
     code, agreed = 0, True
 
 
@@ -51,7 +48,6 @@ class Stopped(UsageError):
 # what its --signals-to-handle lists; SIGINT is Ctrl-C and SIGHUP a closed terminal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 STOP_REQUESTS = []  # signal numbers received; the loop stops at a step boundary all ranks agree on
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def request_stop(signum=None, frame=None):
@@ -59,21 +55,18 @@ def request_stop(signum=None, frame=None):
 
 
 def run(main):
-    """Call main(); report a UsageError, or a failed write (disk full, read-only), as one line on
-    stderr instead of a traceback."""
+    """Call main(); a UsageError, or a failed write (disk full, read-only), ends it with one line on stderr."""
     try:
         main()
     except UsageError as e:
-        for sig in STOP_SIGNALS:  # exiting with our code: torchrun's signal to the other ranks must not replace it
+        for sig in STOP_SIGNALS:  # exit with our code: torchrun's signal to the other ranks must not replace it
             signal.signal(sig, signal.SIG_IGN)
-        msg = str(e).strip()
-        if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, not the trace
-            msg = msg.splitlines()[-1].split(': ', 1)[-1]
+        msg = str(e).strip().splitlines()[-1].split('UsageError: ')[-1]  # from a DataLoader worker: its last line
         if not e.agreed or int(os.environ.get('RANK', 0)) == 0:
             print(f"error: {msg}" if e.code else msg, file=sys.stderr)
         sys.exit(e.code)
     except OSError as e:
-        if e.errno not in WRITE_ERRORS:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         print(f"error: cannot write {e.filename or 'to --output-dir'}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
@@ -85,34 +78,37 @@ def run(main):
 # ----------------------------------------------------------------------------------------------
 # Vision Transformer with timm's parameter names (a checkpoint's encoder loads into timm as is)
 
-MODELS = {  # name: (width, depth, heads), the ViT paper / timm sizes
-    'vit_pico': (96, 4, 3),  # not a paper size: for the CPU quick start and the tests
-    'vit_tiny': (192, 12, 3), 'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12),
-    'vit_large': (1024, 24, 16), 'vit_huge': (1280, 32, 16)}
+# ViT sizes (ViT paper Tab. 1; tiny and small from DeiT): width, depth, heads, MLP ratio, then the models timm
+# has of the size by the ends of their names: 'patch16_224' of vit_base is timm's vit_base_patch16_224 and, in
+# the last column, its Beit beit_base_patch16_224
+MODELS = {
+    'vit_pico': (96, 4, 3, 4.0, '', ''),  # not a paper size: for the CPU quick start and the tests
+    'vit_tiny': (192, 12, 3, 4.0, 'patch16_224 patch16_384', ''),
+    'vit_small': (384, 12, 6, 4.0, 'patch8_224 patch16_224 patch16_384 patch32_224 patch32_384', ''),
+    'vit_base': (768, 12, 12, 4.0, 'patch8_224 patch16_224 patch16_384 patch32_224 patch32_384',
+                 'patch16_224 patch16_384'),
+    'vit_large': (1024, 24, 16, 4.0, 'patch14_224 patch16_224 patch16_384 patch32_224 patch32_384',
+                  'patch16_224 patch16_384 patch16_512'),
+    'vit_huge': (1280, 32, 16, 4.0, 'patch14_224', '')}
+HEADS = {width: heads for width, _, heads, *_ in MODELS.values()}  # of a state dict without architecture
 
 
-def model_size(name):
+def model_size(name):  # -> (width, depth, heads)
     if name not in MODELS:
         raise UsageError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
-    return MODELS[name]
+    return MODELS[name][:3]
 
 
 def sincos_pos_embed(dim, grid_h, grid_w, cls_token=False):
     """MAE's fixed 2D sin-cos table [(1 +) h*w, dim]. The first half of the channels encodes the
     column, the second the row, each as [sin, cos] at frequencies 1 / 10000^(k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing='ij')
-
-    def emb(pos):  # [h*w] -> [h*w, dim/2]
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], 1)
-    table = torch.cat([emb(cols), emb(rows)], 1).float()
-    return torch.cat([torch.zeros(1, dim), table]) if cls_token else table
+    rows, cols = torch.meshgrid(torch.arange(grid_h).double(), torch.arange(grid_w).double(), indexing='ij')
+    table = torch.cat([f(pos.reshape(-1, 1) * omega) for pos in (cols, rows) for f in (torch.sin, torch.cos)], 1)
+    return torch.cat([torch.zeros(1, dim), table.float()]) if cls_token else table.float()
 
 
-def resample_pos_embed(pos_embed, grid, num_prefix=1):
-    """Bicubic resampling of a [1, prefix + h*w, D] table to a new (h, w) grid, as MAE's fine-tuning."""
+def resample_pos_embed(pos_embed, grid, num_prefix=1):  # [1, prefix + h*w, D] to a new (h, w) grid, as MAE's
     prefix, table = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     old = int(math.sqrt(table.shape[1]))
     table = table.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, h, w]
@@ -121,8 +117,7 @@ def resample_pos_embed(pos_embed, grid, num_prefix=1):
     return torch.cat([prefix, table.to(pos_embed.dtype)], 1)
 
 
-def drop_path(x, p, training):
-    """Stochastic depth per sample: drop the whole residual branch with probability p."""
+def drop_path(x, p, training):  # stochastic depth: drop a sample's whole residual branch with probability p
     if p == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)
@@ -134,6 +129,30 @@ class QuickGELU(nn.Module):  # CLIP's activation
         return x * torch.sigmoid(1.702 * x)
 
 
+def add_rel_pos_bias(m, grid, num_heads):
+    """BEiT's relative position bias on module m, under timm Beit's names: a table of a learned value per head
+    for each 2D offset between patches, (2h - 1)(2w - 1) of them, then cls->patch, patch->cls and cls->cls;
+    and the [N, N] index into it (N = 1 + h*w, cls first)."""
+    h, w = grid
+    n = (2 * h - 1) * (2 * w - 1)
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # [2, h*w]
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, h*w, h*w]
+    index = torch.full((h * w + 1, h * w + 1), n + 2)
+    index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1
+    index[0, 1:], index[1:, 0] = n, n + 1
+    m.relative_position_bias_table = nn.Parameter(torch.zeros(n + 3, num_heads))
+    m.register_buffer('relative_position_index', index, persistent=False)
+
+
+class RelativePositionBias(nn.Module):  # one shared by all blocks (BEiT's pretraining)
+    def __init__(self, grid, num_heads):
+        super().__init__()
+        add_rel_pos_bias(self, grid, num_heads)
+
+    def forward(self):  # -> [H, N, N]
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, rel_pos_grid=None):
         super().__init__()
@@ -141,24 +160,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)  # rows are q; k; v, heads contiguous within each
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = None
-        if rel_pos_grid:  # fine-tuned BEiT: a relative position bias of the block's own (timm Beit's names)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_len(rel_pos_grid), num_heads))
-            self.register_buffer('relative_position_index', rel_pos_index(rel_pos_grid), persistent=False)
+        if rel_pos_grid:  # fine-tuned BEiT: a relative position bias of the block's own
+            add_rel_pos_bias(self, rel_pos_grid, num_heads)
+
+    def qkv_bias(self, x, bias):  # -> q, k, v [B, H, N, C/H] and the bias [1, H, N, N]: the block's own, given, None
+        B, N, C = x.shape
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return q, k, v, bias
 
     def forward(self, x, bias=None):  # [B, N, C]; bias: the shared relative position bias [1, H, N, N] or None
-        B, N, C = x.shape
-        if self.relative_position_bias_table is not None:
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)  # [1, H, N, N]
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, C/H]
+        q, k, v, bias = self.qkv_bias(x, bias)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).flatten(2))
 
-    def maps(self, x, bias=None):
-        """The attention probabilities [B, H, N, N] that forward uses, for analysis."""
-        B, N, C = x.shape
-        if self.relative_position_bias_table is not None:
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)
-        q, k, _ = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    def maps(self, x, bias=None):  # the attention probabilities [B, H, N, N] that forward uses, for analysis
+        q, k, _, bias = self.qkv_bias(x, bias)
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
         return (attn if bias is None else attn + bias).softmax(-1)
 
@@ -172,55 +190,20 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act, nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, init_values, drop_path, act, eps, rel_pos_grid=None):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, num_heads, rel_pos_grid)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio), act)
+        hidden = int(dim * mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=act, fc2=nn.Linear(hidden, dim)))
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x, bias=None):
         x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
-
-
-def rel_pos_len(grid):  # one entry per 2D offset between patches, plus cls->patch, patch->cls, cls->cls
-    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-
-
-def rel_pos_index(grid):
-    """BEiT's [N, N] index (N = 1 + h*w, cls first) into a table of rel_pos_len(grid) rows."""
-    h, w = grid
-    n = rel_pos_len(grid) - 3
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')).flatten(1)  # [2, h*w]
-    rel = coords[:, :, None] - coords[:, None, :]  # [2, h*w, h*w]
-    index = torch.full((h * w + 1, h * w + 1), n + 2)
-    index[1:, 1:] = (rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1
-    index[0, 1:], index[1:, 0] = n, n + 1
-    return index
-
-
-class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias shared by all blocks: one learned value per head for each 2D
-    offset between patches, plus three for cls->patch, patch->cls and cls->cls."""
-    def __init__(self, grid, num_heads):
-        super().__init__()
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(rel_pos_len(grid), num_heads))
-        self.register_buffer('relative_position_index', rel_pos_index(grid), persistent=False)
-
-    def forward(self):  # -> [H, N, N]
-        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
 
 
 class PatchEmbed(nn.Module):
@@ -233,8 +216,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def beit_trunc_normal_(t, std=.02):
-    """N(0, std) truncated at +-std, BEiT's and SimMIM's pretraining init (actual std ~0.54 std)."""
+def beit_trunc_normal_(t, std=.02):  # N(0, std) truncated at +-std: BEiT's and SimMIM's init (std ~0.54 std)
     return nn.init.trunc_normal_(t, std=std, a=-std, b=std)
 
 
@@ -258,23 +240,21 @@ class VisionTransformer(nn.Module):
                              "choose --img-size as a multiple of --patch-size")
         self.patch_size, self.embed_dim, self.depth, self.global_pool = patch_size, embed_dim, depth, global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim, patch_bias)
-        self.num_patches = self.patch_embed.grid[0] * self.patch_embed.grid[1]
-        self.num_prefix = int(class_token)
+        grid = self.patch_embed.grid
+        self.num_patches, self.num_prefix = grid[0] * grid[1], int(class_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = None
         if pos_embed == 'learn':
             self.pos_embed = nn.Parameter(torch.randn(1, self.num_prefix + self.num_patches, embed_dim) * .02)
         elif pos_embed == 'sincos':  # fixed, but kept in the state dict as MAE does
-            table = sincos_pos_embed(embed_dim, *self.patch_embed.grid, cls_token=class_token)
-            self.pos_embed = nn.Parameter(table[None], requires_grad=False)
+            self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *grid, class_token)[None], requires_grad=False)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        # relative position bias (BEiT): True = one table shared by all blocks (pretraining), 'block' = one per block
-        self.rel_pos_bias = RelativePositionBias(self.patch_embed.grid, num_heads) if rel_pos_bias is True else None
-        block_grid = self.patch_embed.grid if rel_pos_bias == 'block' else None
+        # relative position bias (BEiT): True = one shared by all blocks (pretraining), 'block' = one per block
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads) if rel_pos_bias is True else None
         act_layer = {'gelu': nn.GELU, 'quick_gelu': QuickGELU}[act]
-        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows with depth (timm's linspace)
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], act_layer(), norm_eps, block_grid)
-                                     for i in range(depth)])
+        dpr = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows with depth (timm)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], act_layer(), norm_eps,
+                                           grid if rel_pos_bias == 'block' else None) for i in range(depth)])
         # timm: global average pooling moves the final LayerNorm after the pooling, as `fc_norm`
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if global_pool != 'avg' else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if global_pool == 'avg' else nn.Identity()
@@ -287,16 +267,13 @@ class VisionTransformer(nn.Module):
         learned pos_embed N(0, .02) truncated at +-.02 (their trunc_normal_ passes a=-std, b=std),
         biases 0, then fix_init_weight: block i's (1-indexed) attn.proj and mlp.fc2 weights / sqrt(2i).
         LayerNorms stay (1, 0), layer scales at init_values, the relative position bias table at 0."""
-        if scheme not in ('mae', 'beit'):
-            raise ValueError(f"unknown init scheme {scheme!r}")
         init = nn.init.xavier_uniform_ if scheme == 'mae' else beit_trunc_normal_
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.patch_embed.proj.weight
-        init(w.view(w.shape[0], -1))
+        init(self.patch_embed.proj.weight.view(self.embed_dim, -1))
         if scheme == 'mae':
             if self.cls_token is not None:
                 nn.init.normal_(self.cls_token, std=.02)
@@ -332,48 +309,39 @@ class VisionTransformer(nn.Module):
     def forward_features(self, img):  # [B, 3, H, W] -> [B, prefix + L, D] after the final norm
         return self.norm(self.run_blocks(self.add_cls(self.add_pos(self.patch_embed(img)))))
 
-    def pool(self, x):
-        """Image feature from the tokens: cls token, or (timm) mean of patch tokens then fc_norm."""
+    def pool(self, x):  # image feature: the cls token, or (timm) the mean of the patch tokens, then fc_norm
         return self.fc_norm(x[:, self.num_prefix:].mean(1)) if self.global_pool == 'avg' else x[:, 0]
 
     def forward(self, x):
         return self.head(self.pool(self.forward_features(x)))
 
 
-def patchify(img, p):
-    """[B, 3, H, W] -> [B, L, p*p*3], patch vectors in (row, column, channel) order as MAE."""
+def patchify(img, p):  # [B, 3, H, W] -> [B, L, p*p*3], patch vectors in (row, column, channel) order as MAE
     B, C, H, W = img.shape
     x = img.reshape(B, C, H // p, p, W // p, p)
     return torch.einsum('bchpwq->bhwpqc', x).reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(x, p, grid):
-    """[B, L, p*p*3] -> [B, 3, h*p, w*p], the inverse of patchify."""
+def unpatchify(x, p, grid):  # [B, L, p*p*3] -> [B, 3, h*p, w*p], the inverse of patchify
     B, (h, w) = x.shape[0], grid
     x = x.reshape(B, h, w, p, p, 3)
     return torch.einsum('bhwpqc->bchpwq', x).reshape(B, 3, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading encoders: ours, timm, DeiT, DINO, MAE checkpoints, and OpenAI CLIP
+# Loading encoders: ours, timm, DeiT, DINO, MAE, BEiT, SimMIM checkpoints, and OpenAI CLIP
 
 ENCODER_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.', 'blocks.', 'norm.', 'fc_norm.',
                     'head.', 'rel_pos_bias.')
-HEADS = {width: heads for width, _, heads in MODELS.values()}  # the head count of a state dict without architecture
-
-# What training checkpoints pickle besides tensors and containers, allowed under weights_only=True: their
-# args as an argparse.Namespace (MAE, DeiT, DINO, BEiT), and stand-ins registered under the names that
-# Lightning's last.ckpt (its callback states are keyed by the ModelCheckpoint class, hyper-parameters an
-# AttributeDict) and SimMIM's yacs config pickle. A stand-in's instances are OrderedDicts, the container
-# torch's unpickler fills and gives attributes: no code of Lightning or yacs is imported or run.
+# What training checkpoints pickle besides tensors, allowed under weights_only=True: their args (argparse, as MAE,
+# DeiT, DINO, BEiT), and stand-ins for the classes of Lightning's last.ckpt and SimMIM's yacs config, whose
+# instances are OrderedDicts that torch's unpickler fills: no code of Lightning or yacs is imported or run.
 PICKLED = [argparse.Namespace] + [(type(name.rsplit('.', 1)[1], (), {'__new__': lambda cls, *a: OrderedDict()}), name)
                                   for name in ('pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint',
                                                'pytorch_lightning.utilities.parsing.AttributeDict', 'yacs.config.CfgNode')]
 
 
-def read_checkpoint(path, what='checkpoint'):
-    """torch.load(weights_only=True) with the PICKLED allowlist: a file that would run code is refused.
-    One-line errors."""
+def read_checkpoint(path, what='checkpoint'):  # torch.load(weights_only=True), PICKLED allowed: no code runs
     if not os.path.isfile(path):
         raise UsageError(f"{what} file not found: {path}")
     try:
@@ -385,10 +353,14 @@ def read_checkpoint(path, what='checkpoint'):
                          "expected a file saved by torch.save holding a state dict (files that unpickle code are refused)")
 
 
+BEIT_NAMES = [('.gamma_1', '.ls1.gamma'), ('.gamma_2', '.ls2.gamma')]  # (BEiT's and timm Beit's, ours)
+
+
 def encoder_state_dict(ckpt, path='checkpoint'):
-    """The ViT state dict inside any common layout ('model', 'state_dict', DINO's 'teacher', or plain),
-    under our names: wrapper prefixes removed (`module.`, `_orig_mod.`; DINO's `backbone.` and SimMIM's
-    `encoder.` with what lies outside them, DINO's projection head) and official BEiT names converted."""
+    """The ViT state dict under 'model', 'state_dict', DINO's 'teacher' or at the top level, under timm's
+    names: no `module.`, `_orig_mod.`, DINO's `backbone.` or SimMIM's `encoder.`; official BEiT, BEiT v2 and
+    SimMIM names converted: gamma_1/2 -> ls1/2.gamma, q_bias, v_bias -> a qkv bias with a zero k bias (BEiT
+    has none), and their relative position indices checked against ours, then dropped."""
     sd = ckpt
     for key in ('model', 'state_dict', 'teacher'):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -402,21 +374,11 @@ def encoder_state_dict(ckpt, path='checkpoint'):
             if any(k.startswith('head.') for k in sd):
                 print(f"{path}: not loading the projection head (head.*), only {prefix}*")
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return from_beit(sd, path)
-
-
-BEIT_NAMES = [('.gamma_1', '.ls1.gamma'), ('.gamma_2', '.ls2.gamma')]  # (BEiT's and timm Beit's, ours)
-
-
-def from_beit(sd, path):
-    """Official BEiT, BEiT v2 and SimMIM ViT names -> ours: layer scale gamma_1/gamma_2 -> ls1/ls2.gamma;
-    q_bias, v_bias -> one qkv bias with a zero k bias (BEiT has none); the stored relative position
-    indices are checked against ours and dropped. lm_head, cls_pt_layers, mask_token are left to the caller."""
     out = {}
     for k, v in sd.items():
         if k.endswith('relative_position_index'):
             g = math.isqrt(v.shape[0] - 1)
-            if not torch.equal(v, rel_pos_index((g, g))):
+            if not torch.equal(v, RelativePositionBias((g, g), 1).relative_position_index):
                 raise UsageError(f"{path}: {k} is not BEiT's relative position index for a {g}x{g} grid")
             continue
         for beit, ours in BEIT_NAMES:
@@ -429,23 +391,24 @@ def from_beit(sd, path):
 
 
 def infer_vit_kwargs(sd, num_heads=None, path='checkpoint'):
-    """ViT constructor arguments read off a timm-style state dict; the head count, which no shape
-    shows, from the width of a standard size (HEADS) or `num_heads`."""
+    """ViT constructor arguments read off a timm-named state dict; the head count, which no shape shows,
+    is `num_heads` or that of the standard size of this width (HEADS)."""
     if 'patch_embed.proj.weight' not in sd:
-        raise UsageError(f"{path} is not a ViT checkpoint: no 'patch_embed.proj.weight' (expected timm, BEiT or SimMIM ViT names)")
+        raise UsageError(f"{path} is not a ViT checkpoint: no 'patch_embed.proj.weight' "
+                         "(expected timm, BEiT or SimMIM ViT names)")
     D, _, p, _ = sd['patch_embed.proj.weight'].shape
     if not (num_heads or D in HEADS):
-        raise UsageError(f"{path} holds a {D}-wide ViT without its architecture, and {D} is not the width of a standard "
-                         f"size ({', '.join(f'{w}: {h} heads' for w, h in HEADS.items())}): set --num-heads N, or pass the file "
-                         f"`python evaluate.py export --ckpt {path} --num-heads N --out FILE` writes")
-    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+        raise UsageError(f"{path} holds a {D}-wide ViT without its architecture, and {D} is not the width of a "
+                         f"standard size ({', '.join(f'{w}: {h} heads' for w, h in HEADS.items())}): set --num-heads "
+                         f"N, or pass the file `python evaluate.py export --ckpt {path} --num-heads N --out FILE` writes")
     shared, table = 'rel_pos_bias.relative_position_bias_table', 'blocks.0.attn.relative_position_bias_table'
-    kw = dict(patch_size=p, embed_dim=D, depth=depth, num_heads=num_heads or HEADS[D],
-              mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D, class_token='cls_token' in sd,
+    kw = dict(patch_size=p, embed_dim=D, depth=1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.')),
+              num_heads=num_heads or HEADS[D], mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D,
+              class_token='cls_token' in sd, pre_norm='norm_pre.weight' in sd, patch_bias='patch_embed.proj.bias' in sd,
               global_pool='avg' if 'fc_norm.weight' in sd and 'norm.weight' not in sd else 'token',
-              init_values=1.0 if 'blocks.0.ls1.gamma' in sd else None, pre_norm='norm_pre.weight' in sd,
-              patch_bias='patch_embed.proj.bias' in sd, rel_pos_bias=True if shared in sd else 'block' if table in sd else False,
-              pos_embed='learn' if 'pos_embed' in sd else 'none', img_size=224 // p * p)
+              init_values=1.0 if 'blocks.0.ls1.gamma' in sd else None, img_size=224 // p * p,
+              rel_pos_bias=True if shared in sd else 'block' if table in sd else False,
+              pos_embed='learn' if 'pos_embed' in sd else 'none')
     if 'pos_embed' in sd:
         kw['img_size'] = math.isqrt(sd['pos_embed'].shape[1] - kw['class_token']) * p
     elif kw['rel_pos_bias']:  # (2g - 1)^2 + 3 rows for a g x g grid
@@ -454,11 +417,10 @@ def infer_vit_kwargs(sd, num_heads=None, path='checkpoint'):
 
 
 def load_encoder(vit, sd, allow_missing=(), path='checkpoint'):
-    """Fill `vit` from a timm-named state dict. Method parts (decoders, heads of other tasks) are
-    ignored; `pos_embed` is resampled to vit's grid; a classifier `head` is dropped when vit has none
-    (with a printed line when vit's has another shape, as MAE's fine-tuning), and `norm` when vit
-    pools with `fc_norm`. Missing or mismatching encoder keys raise a UsageError listing them, except
-    missing keys starting with a prefix in `allow_missing`."""
+    """Fill `vit` from a timm-named state dict, ignoring method parts (decoders, other heads). pos_embed is
+    resampled to vit's grid; a classifier `head` is dropped when vit has none or one of another shape (said
+    in a line, as MAE's fine-tuning), `norm` when vit pools with `fc_norm`. Missing or mismatching encoder
+    keys are a UsageError, except missing keys that start with a prefix in `allow_missing`."""
     own = vit.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or (k.startswith(ENCODER_PREFIXES)
           and not (k.startswith('head.') and isinstance(vit.head, nn.Identity))
@@ -467,8 +429,8 @@ def load_encoder(vit, sd, allow_missing=(), path='checkpoint'):
         if k in sd and k in own and sd[k].shape != own[k].shape:
             print(f"{path}: not loading {k} {tuple(sd.pop(k).shape)} (this model's is {tuple(own[k].shape)})")
     if 'pos_embed' in sd and 'pos_embed' in own and sd['pos_embed'].shape != own['pos_embed'].shape:
-        prefix = sd['pos_embed'].shape[1] - vit.num_prefix - int(math.sqrt(sd['pos_embed'].shape[1] - vit.num_prefix)) ** 2
-        if prefix == 0 and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
+        n = sd['pos_embed'].shape[1] - vit.num_prefix
+        if n == int(math.sqrt(n)) ** 2 and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
             sd['pos_embed'] = resample_pos_embed(sd['pos_embed'], vit.patch_embed.grid, vit.num_prefix)
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
@@ -481,9 +443,8 @@ def load_encoder(vit, sd, allow_missing=(), path='checkpoint'):
 
 
 def build_encoder(path, **overrides):
-    """A ViT built and loaded from any checkpoint file: ours (their 'encoder_kwargs', also in exported
-    files), or timm / DeiT / DINO / MAE / BEiT / SimMIM files (architecture read off the keys; the head
-    count from `overrides['num_heads']` or the width). Returns (vit, ckpt)."""
+    """(vit, ckpt) from any checkpoint file: ours (their 'encoder_kwargs', also in exported files), or
+    timm / DeiT / DINO / MAE / BEiT / SimMIM files (architecture read off the keys)."""
     ckpt = read_checkpoint(path)
     sd = encoder_state_dict(ckpt, path)
     if isinstance(ckpt, dict) and 'encoder_kwargs' in ckpt:
@@ -491,9 +452,8 @@ def build_encoder(path, **overrides):
     else:
         kw = infer_vit_kwargs(sd, overrides.get('num_heads'), path)
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    vit = VisionTransformer(**kw)
     allow = ('fc_norm.', 'head.') if kw.get('global_pool') == 'avg' or kw.get('num_classes') else ()
-    return load_encoder(vit, sd, allow_missing=allow, path=path), ckpt
+    return load_encoder(VisionTransformer(**kw), sd, allow_missing=allow, path=path), ckpt
 
 
 CLIP_NAMES = [('conv1.', 'patch_embed.proj.'), ('ln_pre.', 'norm_pre.'), ('ln_post.', 'norm.'),
@@ -504,9 +464,9 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 
 def load_clip_visual(path):
-    """OpenAI CLIP's image tower as our ViT (norm_pre, QuickGELU, LayerNorm eps 1e-5, no patch bias).
-    Reads the official TorchScript archive (e.g. ViT-B-16.pt) or a plain state dict, with or without
-    the `visual.` prefix, fp16 or fp32. Returns (vit, proj) with proj [width, embed] used as x @ proj."""
+    """OpenAI CLIP's image tower as our ViT (norm_pre, QuickGELU, LayerNorm eps 1e-5, no patch bias), from the
+    official TorchScript archive (e.g. ViT-B-16.pt) or a state dict, with or without the `visual.` prefix.
+    Returns (vit, proj) with proj [width, embed] used as x @ proj."""
     expected = "expected OpenAI CLIP's ViT-B-16.pt (TorchScript) or a state dict with visual.conv1.weight etc."
     if not os.path.isfile(path):
         raise UsageError(f"CLIP file not found: {path} ({expected})")
@@ -534,10 +494,10 @@ def load_clip_visual(path):
     out['pos_embed'] = out.pop('positional_embedding').unsqueeze(0)
     proj = out.pop('proj')
     width, _, p, _ = out['patch_embed.proj.weight'].shape
-    grid = int(math.sqrt(out['pos_embed'].shape[1] - 1))
     depth = 1 + max(int(k.split('.')[1]) for k in out if k.startswith('blocks.'))
-    vit = VisionTransformer(img_size=grid * p, patch_size=p, embed_dim=width, depth=depth, num_heads=width // 64,
-                            pre_norm=True, act='quick_gelu', norm_eps=1e-5, patch_bias=False)
+    vit = VisionTransformer(img_size=math.isqrt(out['pos_embed'].shape[1] - 1) * p, patch_size=p, embed_dim=width,
+                            depth=depth, num_heads=width // 64, pre_norm=True, act='quick_gelu', norm_eps=1e-5,
+                            patch_bias=False)
     return load_encoder(vit, out, path=path), proj
 
 
@@ -545,20 +505,17 @@ def load_clip_visual(path):
 # Masking (1 = masked)
 
 def random_masking(noise, mask_ratio):
-    """MAE's per-sample random masking from noise [B, L]: the patches with the smallest noise are
-    kept, exactly int(L * (1 - ratio)) of them. Returns ids_keep [B, K], mask [B, L] (1 = masked,
-    in the original patch order) and ids_restore [B, L] (inverse of the shuffle)."""
-    B, L = noise.shape
-    keep = int(L * (1 - mask_ratio))
+    """MAE's per-sample random masking: of noise [B, L], the K = int(L * (1 - ratio)) smallest are kept.
+    Returns ids_keep [B, K], mask [B, L] (in patch order) and ids_restore [B, L] (inverse of the shuffle)."""
+    keep = int(noise.shape[1] * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = (ids_restore >= keep).float()  # rank of each patch in the shuffle decides
-    return ids_shuffle[:, :keep], mask, ids_restore
+    return ids_shuffle[:, :keep], (ids_restore >= keep).float(), ids_restore  # a patch's rank decides
 
 
 def simmim_mask(rng, input_size=224, mask_patch_size=32, model_patch_size=16, mask_ratio=0.6):
     """SimMIM's random masking (Sec. 3.2): ceil(units * ratio) random mask units of mask_patch_size
-    pixels, each expanded to the model patches it covers. Returns [G, G] float32, 1 = masked."""
+    pixels, each expanded to the model patches it covers. Returns [G, G] float32."""
     if input_size % mask_patch_size or mask_patch_size % model_patch_size:
         raise UsageError(f"--mask-patch-size {mask_patch_size} must divide --img-size {input_size} "
                          f"and be a multiple of --patch-size {model_patch_size}")
@@ -571,8 +528,7 @@ def simmim_mask(rng, input_size=224, mask_patch_size=32, model_patch_size=16, ma
 def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True):
     """BEiT's MaskingGenerator (beit2/masking_generator.py) drawing from the numpy Generator `rng`:
     rounds of up to 10 attempts to add a rectangle, until num_masked cells are masked or a round adds
-    nothing; with `exact` (BEiT v2) random cells are then masked to reach num_masked exactly.
-    Returns [h, w] float32, 1 = masked."""
+    nothing; with `exact` (BEiT v2) random cells are then masked to reach num_masked exactly. -> [h, w]"""
     h, w = grid
     mask = np.zeros(grid, np.float32)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
@@ -601,9 +557,7 @@ def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True
     return mask
 
 
-def beit_num_masked(grid):
-    """BEiT's --num_mask_patches 75 for its 14 x 14 grid (about 40%; int(0.4 * 196) would be 78),
-    in the same proportion for other grids."""
+def beit_num_masked(grid):  # BEiT's --num_mask_patches 75 of its 14 x 14 (not int(0.4 * 196) = 78), in proportion
     return round(75 * grid[0] * grid[1] / 196)
 
 
@@ -615,10 +569,9 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """DIR/CLASS/**/IMAGE files, classes in sorted order. Items are transform(rng, img) plus the
-    label, where rng is seeded by (seed, epoch, index): augmentations are reproducible whatever the
-    number of workers. Non-image files and empty class folders are reported in one warning; an
-    unreadable image met during training is replaced by the next one. `strict` makes both errors."""
+    """DIR/CLASS/**/IMAGE files, classes in sorted order. Items are transform(rng, img) plus the label, rng
+    seeded by (seed, epoch, index): augmentations do not depend on the number of workers. Non-image files
+    and empty class folders are one warning, an unreadable image is replaced by the next; `strict`: errors."""
     def __init__(self, root, transform, seed=0, strict=False):
         if not os.path.isdir(root):
             raise UsageError(f"--data folder not found: {root} (expected DIR/CLASS/IMAGE.jpg, or --data synthetic)")
@@ -635,7 +588,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.samples:
             raise UsageError(f"no images in {root}: expected class sub-folders holding {'/'.join(IMG_EXTENSIONS)} files")
         if skipped or empty:
-            what = f"{len(skipped)} non-image files and {len(empty)} empty class folders in {root} (first: {', '.join((skipped + empty)[:3])})"
+            what = (f"{len(skipped)} non-image files and {len(empty)} empty class folders in {root} "
+                    f"(first: {', '.join((skipped + empty)[:3])})")
             if strict:
                 raise UsageError(f"--strict-data: {what}")
             if int(os.environ.get('RANK', 0)) == 0:
@@ -669,11 +623,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class SyntheticImages(ImageFolder):
-    """`--data synthetic`: procedurally drawn, labelled images, deterministic per index. Each class
-    is a shape (disc, square, triangle, ...) drawn in a hue of its own (jittered, with random
-    saturation and brightness) at a random size, position and rotation on a random textured
+    """`--data synthetic`: labelled images drawn from the index. Each class is a shape in a hue of its own
+    (jittered, random saturation and brightness) at a random size, position and rotation on a textured
     background. Colour alone gives a random encoder a head start; the shape is what pretraining adds."""
     SHAPES = ['disc', 'square', 'triangle', 'sparkle', 'ring', 'diamond', 'hexagon', 'star', 'bar', 'crescent']
+    POLYGONS = {'square': (4, [1]), 'triangle': (3, [1]), 'diamond': (4, [1, .55]), 'hexagon': (6, [1]),
+                'star': (10, [1, .45]), 'sparkle': (12, [1, .35, .35]), 'bar': (4, [1])}  # corners, radii in turn
 
     def __init__(self, transform, size=4096, split='train', seed=0, resolution=64):
         self.classes, self.transform, self.seed, self.res = self.SHAPES, transform, seed, resolution
@@ -681,8 +636,7 @@ class SyntheticImages(ImageFolder):
         self.salt = {'train': 0, 'val': 1}[split]  # train and val draw different images
 
     def load(self, index):
-        rng = np.random.default_rng((1234, self.salt, index))
-        r = self.res
+        rng, r, label = np.random.default_rng((1234, self.salt, index)), self.res, self.samples[index][1]
         # background: a muted low-frequency colour field with faint stripes of random frequency and angle
         field = Image.fromarray(rng.integers(64, 192, (3, 3, 3), dtype=np.uint8)).resize((r, r), Image.BICUBIC)
         yy, xx = np.mgrid[0:r, 0:r] / r
@@ -691,60 +645,45 @@ class SyntheticImages(ImageFolder):
         img = np.asarray(field, np.float32) * (0.8 + 0.2 * stripes[..., None])
         img = Image.fromarray(img.clip(0, 255).astype(np.uint8))
         # foreground: the class's shape
-        draw, kind = ImageDraw.Draw(img), self.SHAPES[self.samples[index][1]]
-        s = rng.uniform(0.3, 0.45) * r
+        draw, kind, s = ImageDraw.Draw(img), self.SHAPES[label], rng.uniform(0.3, 0.45) * r
         cx, cy = rng.uniform(s, r - s, size=2)
         rot = rng.uniform(0, 2 * np.pi)
-        hue = (self.samples[index][1] / len(self.SHAPES) + rng.uniform(-0.04, 0.04)) % 1.0
+        hue = (label / len(self.SHAPES) + rng.uniform(-0.04, 0.04)) % 1.0
         color = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
-
-        def poly(radii, n):
-            a = rot + np.arange(n) * 2 * np.pi / n
-            rad = np.resize(radii, n)
-            return [(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in zip(rad * s, a)]
+        box = [cx - s, cy - s, cx + s, cy + s]
         if kind == 'disc':
-            draw.ellipse([cx - s, cy - s, cx + s, cy + s], fill=color)
+            draw.ellipse(box, fill=color)
         elif kind == 'ring':
-            draw.ellipse([cx - s, cy - s, cx + s, cy + s], outline=color, width=max(2, int(s / 3)))
+            draw.ellipse(box, outline=color, width=max(2, int(s / 3)))
         elif kind == 'crescent':
-            draw.chord([cx - s, cy - s, cx + s, cy + s], np.degrees(rot), np.degrees(rot) + 180, fill=color)
-        elif kind == 'sparkle':  # a four-pointed star
-            draw.polygon(poly([1, .35, .35, 1, .35, .35, 1, .35, .35, 1, .35, .35], 12), fill=color)
-        elif kind == 'bar':  # four points on the circle close to two opposite angles: a thin rectangle
-            a = rot + np.array([-.3, .3, np.pi - .3, np.pi + .3])
-            draw.polygon([(cx + s * np.cos(t), cy + s * np.sin(t)) for t in a], fill=color)
-        else:
-            n, radii = {'square': (4, [1]), 'triangle': (3, [1]), 'diamond': (4, [1, .55]),
-                        'hexagon': (6, [1]), 'star': (10, [1, .45])}[kind]
-            draw.polygon(poly(radii, n), fill=color)
+            draw.chord(box, np.degrees(rot), np.degrees(rot) + 180, fill=color)
+        else:  # corners at equal angles, a bar's close to two opposite angles
+            n, radii = self.POLYGONS[kind]
+            a = rot + (np.array([-.3, .3, np.pi - .3, np.pi + .3]) if kind == 'bar' else np.arange(n) * 2 * np.pi / n)
+            corners = zip(np.resize(radii, n) * s, a)  # (radius, angle) pairs
+            draw.polygon([(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in corners], fill=color)
         return img
 
 
 def rrc_box(rng, width, height, scale, ratio):
     """torchvision's RandomResizedCrop box: area fraction ~ U(scale), log-uniform aspect, 10 tries,
     then a central crop with the aspect clamped into `ratio`. Returns (left, top, right, bottom)."""
-    area = width * height
     for _ in range(10):
-        target = area * rng.uniform(*scale)
+        target = width * height * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
-    w, h = width, height
-    if width / height < ratio[0]:
-        h = int(round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        w = int(round(height * ratio[1]))
+    w = min(width, int(round(height * ratio[1])))
+    h = min(height, int(round(width / ratio[0])))
     return (width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h
 
 
 def crop_resize(img, box, size):
-    """Crop `box` (left, top, right, bottom) and resize it to size x size, bicubic with antialiasing:
-    torchvision's crop-then-resize, in one pass. A JPEG is first decoded at the smallest DCT scale
-    (1/2, 1/4, 1/8) that keeps the crop at least `size` (PIL's draft). The resize is torch's uint8
-    kernel on channels-last pixels: PIL's bicubic weights (a = -0.5, support widened by the scale),
-    about 5x faster than Pillow's own. The box is rounded to whole pixels of the decoded image."""
+    """Crop `box` (left, top, right, bottom) resized to size x size, bicubic with antialiasing, as torchvision
+    in one pass: a JPEG decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the crop >= size (PIL's
+    draft), the box rounded to its pixels; torch's uint8 kernel (PIL's bicubic weights), ~5x faster than PIL's."""
     W, H = img.size
     shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
     if img.format == 'JPEG' and shrink >= 2:
@@ -767,23 +706,20 @@ def hflip(rng, img):
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
 
-def center_crop(img, size, crop_pct=0.875):
-    """Evaluation view: resize the short side to size / crop_pct, then a central size x size crop."""
+def center_crop(img, size, crop_pct=0.875):  # evaluation: short side resized to size / crop_pct, the central crop
     W, H = img.size
     side = max(1, round(min(W, H) * crop_pct))  # the crop, measured in original pixels
     left, top = (W - side) // 2, (H - side) // 2
     return crop_resize(img, (left, top, left + side, top + side), size)
 
 
-def to_tensor(img):
-    """PIL RGB -> uint8 tensor [3, H, W], contiguous (one plane per channel: collating it is a plain
-    copy); normalization happens on the device (`normalize`)."""
+def to_tensor(img):  # PIL RGB -> uint8 [3, H, W], one plane per channel (collating is a plain copy)
     return torch.from_numpy(np.stack([np.asarray(c) for c in img.split()]))
 
 
 def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 [B, 3, H, W] -> float32, (x / 255 - mean) / std. Mean and std stay Python numbers: a
-    tensor made from them would be copied to the device, a copy that waits for the device every step."""
+    """uint8 [B, 3, H, W] -> float32 (x / 255 - mean) / std. Mean and std stay Python numbers: a tensor made
+    from them would be copied to the device, a copy that waits for the device every step."""
     x = img.float()
     for c in range(3):
         x[:, c].sub_(255 * mean[c]).div_(255 * std[c])
@@ -791,9 +727,8 @@ def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def renormalize(x, mean, std):
-    """ImageNet-normalized [B, 3, H, W] -> the same pixels normalized by (mean, std) instead (a
-    teacher's or tokenizer's input), per channel x * s + t. The constants stay Python numbers, so
-    nothing is copied to the device and waited for."""
+    """ImageNet-normalized [B, 3, H, W] -> the same pixels normalized by (mean, std) (a teacher's or
+    tokenizer's input), per channel x * s + t; Python-number constants, as in normalize."""
     return torch.stack([x[:, c] * (IMAGENET_STD[c] / std[c]) + (IMAGENET_MEAN[c] - mean[c]) / std[c] for c in range(3)], 1)
 
 
@@ -869,24 +804,19 @@ def color_jitter(x, params, hue=True):
 
 # RandAugment, timm 'rand-m9-mstd0.5-inc1' (MAE / BEiT fine-tuning)
 
-def _affine(img, coeffs):
-    # PIL affine maps output -> input coords; fixed bicubic + gray fill (timm randomizes these)
+def _affine(img, coeffs):  # PIL maps output -> input coords; fixed bicubic, gray fill (timm randomizes these)
     return img.transform(img.size, Image.Transform.AFFINE, coeffs, BICUBIC, fillcolor=GRAY)
 
 
-def _enhance(cls):
-    # timm '_enhance_increasing': factor 1 +- 0.9*m/10, floored at 0.1 so it never degenerates
+def _enhance(cls):  # timm '_enhance_increasing': factor 1 +- 0.9*m/10, floored at 0.1 so it never degenerates
     return lambda im, m, s: cls(im).enhance(max(0.1, 1 + s * 0.9 * m / 10))
 
 
-def _solarize_add(im, m, s, thresh=128):
-    add = int(m / 10 * 110)  # timm: brighten only the dark half (< 128) by up to 110
-    lut = [min(255, i + add) if i < thresh else i for i in range(256)]
-    return im.point(lut * len(im.getbands()))
+def _solarize_add(im, m, s):  # timm: brighten only the dark half (< 128) by up to 110
+    return im.point([min(255, i + int(m / 10 * 110)) if i < 128 else i for i in range(256)] * len(im.getbands()))
 
 
-def _posterize(im, bits):
-    # own LUT since Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
+def _posterize(im, bits):  # own table: Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
     return im.point([i & ~(2 ** (8 - bits) - 1) for i in range(256)] * len(im.getbands()))
 
 
@@ -908,26 +838,24 @@ RA_OPS = {
     'TranslateXRel': lambda im, m, s: _affine(im, (1, 0, s * 0.45 * m / 10 * im.size[0], 0, 1, 0)),
     'TranslateYRel': lambda im, m, s: _affine(im, (1, 0, 0, 0, 1, s * 0.45 * m / 10 * im.size[1])),
 }
-_RA_NAMES = list(RA_OPS)
 
 
 def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):
     """timm RandAugment: num_ops ops (with replacement), each applied w.p. 0.5, m ~ N(9, 0.5)."""
-    for i in rng.integers(len(_RA_NAMES), size=num_ops):
+    for i in rng.integers(len(RA_OPS), size=num_ops):
         if rng.random() >= 0.5:  # timm's per-op prob 0.5 ('p' default)
             continue
         m = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) if mstd > 0 else magnitude
         sign = 1 if rng.random() < 0.5 else -1  # timm '_randomly_negate'
-        img = RA_OPS[_RA_NAMES[i]](img, m, sign)
+        img = list(RA_OPS.values())[i](img, m, sign)
     return img
 
 
 # Tensor-level augmentations (fine-tuning, SupMIM)
 
 def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
-    """timm RandomErasing's box (MAE fine-tune: reprob 0.25, mode 'pixel', one box) in an image of
-    `size` (H, W): int64 [4] (top, left, h, w), zeros when the image is not erased. The workers draw
-    it; `erase` fills it on the device, so the images travel as uint8."""
+    """timm RandomErasing's box (MAE fine-tune: reprob 0.25, mode 'pixel', one box) in an image of `size`
+    (H, W): int64 [4] (top, left, h, w), zeros if not erased. `erase` fills it on the device (uint8 travels)."""
     H, W = size
     if rng.random() < p:
         log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
@@ -941,8 +869,7 @@ def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
 
 
 def erase(x, box):
-    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized
-    images x [B, C, H, W]."""
+    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized x [B, C, H, W]."""
     rows, cols = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
     top, left, h, w = (v[:, None] for v in box.unbind(1))  # [B, 1] each
     inside = ((rows >= top) & (rows < top + h))[:, None, :, None] & ((cols >= left) & (cols < left + w))[:, None, None, :]
@@ -973,8 +900,7 @@ def mixup_cutmix(rng, x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, swit
     return x, t * lam + t.flip(0) * (1 - lam)
 
 
-def soft_target_cross_entropy(logits, target):
-    """Cross-entropy against soft targets, averaged over the batch."""
+def soft_target_cross_entropy(logits, target):  # averaged over the batch
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
@@ -996,8 +922,7 @@ def build_dataset(args, transform, split='train'):
 # ----------------------------------------------------------------------------------------------
 # Command line shared by the five scripts
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) whose parse_args also checks the shared flags' ranges."""
+class Parser(argparse.ArgumentParser):  # one-line errors (exit 2); parse_args also checks the shared flags' ranges
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} -h)\n")
 
@@ -1006,15 +931,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def default_workers():
-    """Data loading processes per training process: this node's cores (those this job may use)
-    shared among the processes torchrun starts on it, at most 12 (more rarely helps), at least 1."""
+    """Data loading processes per training process: the cores this job may use on this node, shared among
+    the processes torchrun starts on it, at most 12 (more rarely helps), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     return max(1, min(12, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
 
 
 def get_parser(doc):
-    """The flags every script shares; each script adds its method's flags and sets the paper's
-    values as defaults with parser.set_defaults(...), then checks its own flags' ranges."""
+    """The flags every script shares; a script adds its method's, sets the paper's values with set_defaults."""
     p = Parser(description=doc.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--data', required=True, help="ImageFolder root (DIR/train, DIR/val or DIR/CLASS/*.jpg) or 'synthetic'")
@@ -1034,7 +958,7 @@ def get_parser(doc):
     a('--betas', type=float, nargs=2, default=(0.9, 0.999))
     a('--clip-grad', type=float, default=None, help='max gradient norm (off when not given)')
     a('--drop-path', type=float, default=0.0)
-    a('--num-workers', type=int, default=default_workers(), help='data loading processes per GPU (default: cores / GPUs of the node)')
+    a('--num-workers', type=int, default=default_workers(), help='data loading processes per GPU (cores / GPUs)')
     a('--seed', type=int, default=0)
     a('--resume', action='store_true', help='continue from OUTPUT/checkpoint.pth')
     a('--compile', action=argparse.BooleanOptionalAction, default=None, help='torch.compile (default: on for CUDA)')
@@ -1045,27 +969,25 @@ def get_parser(doc):
     a('--peak-tflops', type=float, default=None, help='per-device peak for MFU (default: 989, H100 bf16 dense)')
     a('--synthetic-size', type=int, default=10000, help='images in --data synthetic (train; val gets a quarter)')
     a('--strict-data', action='store_true', help='stop at the first unreadable or non-image file instead of skipping it')
-    a('--skip-nonfinite', action='store_true', help='skip steps whose gradients are not finite instead of stopping (a host sync per step)')
+    a('--skip-nonfinite', action='store_true',
+      help='skip steps whose gradients are not finite instead of stopping (a host sync per step)')
     return p
 
 
 def validate_args(args):
-    """The shared flags' ranges, checked once after parsing: a bad value stops the run at once with
-    one line (exit 2), never with a traceback or a run that trains on nonsense."""
-    def check(flag, ok, want):
-        v = getattr(args, flag[2:].replace('-', '_'))
-        if v is not None and not ok(v):
-            raise UsageError(f"{flag} {v}: {want}")
-    for flag in ('--img-size', '--patch-size', '--batch-size', '--accum-iter', '--epochs', '--log-every',
-                 '--save-every', '--synthetic-size'):
-        check(flag, lambda v: v >= 1, 'must be at least 1')
-    check('--num-workers', lambda v: v >= 0, 'must be 0 (load in the main process) or more')
-    for flag in ('--blr', '--lr', '--clip-grad'):
-        check(flag, lambda v: 0 < v < math.inf, 'must be a positive number')
-    for flag in ('--warmup-epochs', '--warmup-steps', '--min-lr', '--weight-decay'):
-        check(flag, lambda v: 0 <= v < math.inf, 'must be a number >= 0')
-    check('--drop-path', lambda v: 0 <= v < 1, 'must be in [0, 1)')
-    check('--betas', lambda v: all(0 <= b < 1 for b in v), 'must be two numbers in [0, 1)')
+    """The shared flags' ranges: a bad value is one line (exit 2), not a traceback or a run on nonsense."""
+    for flags, ok, want in [
+            ('img-size patch-size batch-size accum-iter epochs log-every save-every synthetic-size',
+             lambda v: v >= 1, 'must be at least 1'),
+            ('num-workers', lambda v: v >= 0, 'must be 0 (load in the main process) or more'),
+            ('blr lr clip-grad', lambda v: 0 < v < math.inf, 'must be a positive number'),
+            ('warmup-epochs warmup-steps min-lr weight-decay', lambda v: 0 <= v < math.inf, 'must be a number >= 0'),
+            ('drop-path', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+            ('betas', lambda v: all(0 <= b < 1 for b in v), 'must be two numbers in [0, 1)')]:
+        for flag in flags.split():
+            v = getattr(args, flag.replace('-', '_'))
+            if v is not None and not ok(v):
+                raise UsageError(f"--{flag} {v}: {want}")
     return args  # (--img-size against --patch-size: the ViT checks it, whose patch size may come from a checkpoint)
 
 

@@ -729,13 +729,6 @@ def avgdist(args):
     table(None, ['method', 'mask', 'masked', f'AvgDist px ({args.num_masks} masks)'], rows)
 
 
-# timm.list_models() names of our sizes (common.MODELS), f"{size}_patch{p}_{img}", as (p, img) pairs
-TIMM_NAMES = {'vit_tiny': [(16, 224), (16, 384)], 'vit_huge': [(14, 224)],
-              **{s: [(8, 224), (16, 224), (16, 384), (32, 224), (32, 384)] for s in ('vit_small', 'vit_base')},
-              'vit_large': [(14, 224), (16, 224), (16, 384), (32, 224), (32, 384)],
-              'beit_base': [(16, 224), (16, 384)], 'beit_large': [(16, 224), (16, 384), (16, 512)]}
-
-
 def timm_model(kw):
     """The timm construction of the encoder with encoder_kwargs kw, as Python text: timm's Beit for a
     relative position bias, else its VisionTransformer; timm.create_model where timm has a model of
@@ -756,9 +749,10 @@ def timm_model(kw):
     args = [f"{k}={v!r}" for k, v in rest.items()]
     if kw['norm_eps'] != 1e-6:  # timm's default
         args.append(f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={kw['norm_eps']!r})")
-    size = next((n for n, v in common.MODELS.items() if v == (kw['embed_dim'], kw['depth'], kw['num_heads'])), '')
-    size = size.replace('vit_', 'beit_') if beit else size
-    if (kw['patch_size'], kw['img_size']) in TIMM_NAMES.get(size, []) and kw['mlp_ratio'] == 4:
+    arch_of = {v[:4]: (n, v[4 + beit].split()) for n, v in common.MODELS.items()}  # timm's names of our sizes
+    size, names = arch_of.get((kw['embed_dim'], kw['depth'], kw['num_heads'], kw['mlp_ratio']), (None, []))
+    if f"patch{kw['patch_size']}_{kw['img_size']}" in names:
+        size = size.replace('vit_', 'beit_') if beit else size
         return f"timm.create_model('{size}_patch{kw['patch_size']}_{kw['img_size']}', {', '.join(args)})"
     cls = 'timm.models.beit.Beit' if beit else 'timm.models.vision_transformer.VisionTransformer'
     return f"{cls}({', '.join([f'{k}={v!r}' for k, v in arch.items()] + args)})"

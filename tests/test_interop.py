@@ -64,7 +64,7 @@ def test_every_size_exports_to_timm(size, layout, tmp_path, capsys):
     """At full size on the meta device: the printed construction has exactly our keys and shapes (and a
     real timm name at 224 px); at 32 px with one block: strict load and equal features (up to ViT-B's
     width: L and H cost seconds each on a CPU and split heads by the same code)."""
-    width, depth, heads = common.MODELS[size]
+    width, depth, heads = common.model_size(size)
     p = 14 if size == 'vit_huge' else 16
     kw = dict(embed_dim=width, num_heads=heads, patch_size=p)
     if layout == 'beit':  # MaskDistill's / SimMIM's released encoder: shared relative position bias, layer scale
