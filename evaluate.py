@@ -48,10 +48,8 @@ predicts per-patch normalized pixels maps them back with each true patch's mean 
 import argparse
 import csv
 import importlib
-import json
 import math
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -150,9 +148,10 @@ def get_args(argv=None):
     p.set_defaults(  # MAE's ViT-B recipe (FINETUNE.md, REFERENCE.md)
         batch_size=128,  # x 8 GPUs = 1024
         blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
-        betas=(0.9, 0.999), img_size=None, output_dir='out/finetune')
-    for action in p._actions:  # shared pretraining flags that fine-tuning does not use
-        if action.dest in ('model', 'patch_size', 'resume', 'save_every', 'peak_tflops', 'skip_nonfinite', 'log_every'):
+        betas=(0.9, 0.999), img_size=None, output_dir='out/finetune',
+        save_every=1)  # MAE's main_finetune saves every epoch
+    for action in p._actions:
+        if action.dest in ('model', 'patch_size'):  # the checkpoint's
             action.help = argparse.SUPPRESS
         action.required = action.required and action.dest != 'data'  # --train and --val do without it
     return parser.parse_args(argv)
@@ -438,21 +437,42 @@ def finetune_transform(args):
     return transform
 
 
-def finetune_batch(rng, img, labels, num_classes, args):
-    """Mixup/CutMix on the batch with label-smoothed soft targets (timm Mixup, MAE); with both
-    alphas 0, the targets are the smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
-    return common.mixup_cutmix(rng, img, labels, num_classes, args.mixup, args.cutmix, label_smoothing=args.smoothing)
+class Finetune(common.VisionTransformer):
+    """The encoder with its classifier in the training loop's protocol, `loss, logs = model(batch)`:
+    random erasing, mixup/cutmix and label smoothing on the device batch, then soft-target cross-entropy
+    (timm's Mixup and SoftTargetCrossEntropy, as MAE's main_finetune). Its state dict has timm's names."""
+
+    def __init__(self, vit, args):
+        super().__init__(**vit.encoder_kwargs)
+        self.load_state_dict(vit.state_dict())
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: start near zero logits
+        nn.init.zeros_(self.head.bias)
+        self.mean_std, self.mixup, self.cutmix, self.smoothing = vit.mean_std, args.mixup, args.cutmix, args.smoothing
+
+    @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
+    def mix(self, img, labels):
+        """Mixup/CutMix on the batch with label-smoothed soft targets [B, C]; with both alphas 0, the
+        smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
+        rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
+        return common.mixup_cutmix(rng, img, labels, self.head.out_features, self.mixup, self.cutmix, label_smoothing=self.smoothing)
+
+    def logits(self, img):  # img ImageNet-normalized
+        return super().forward(prepare(self, img))
+
+    def forward(self, batch):
+        img = common.erase(batch['img'], batch['erase'])  # erasing noise is N(0, 1) in ImageNet's normalization
+        img, target = self.mix(img, batch['label'])
+        return common.soft_target_cross_entropy(self.logits(img), target), {}
 
 
 @torch.no_grad()
-def evaluate(model, vit, data, device, amp, world):
+def evaluate(model, data, device, world):
     """Top-1 / top-5 % on the val loader (each rank its share, summed across ranks)."""
     model.eval()
     hits = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for batch in data:
         batch = common.to_device(batch, device)
-        with amp:
-            logits = model(prepare(vit, batch['img']))
+        logits = model.logits(batch['img'])
         hits += torch.cat([topk_correct(logits.float(), batch['label']), hits.new_tensor([len(logits)])])
     if world > 1:
         dist.all_reduce(hits)
@@ -463,76 +483,27 @@ def finetune(args):
     rank, world, device = common.setup(args)
     # args.img_size (None: the checkpoint's) is read when the transforms run, after load_model
     train, val = datasets(args, finetune_transform(args), lambda rng, img: common.eval_transform(args.img_size)(rng, img))
-    num_classes = len(train.classes)
-    vit = load_model(args, global_pool='avg', num_classes=num_classes, drop_path_rate=args.drop_path)
-    args.img_size = vit.patch_embed.grid[0] * vit.patch_size
-    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: start near zero logits
-    nn.init.zeros_(vit.head.bias)
-    vit.to(device)
-    eff_batch = args.batch_size * args.accum_iter * world
-    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, args.weight_decay, args.layer_decay), lr=args.lr,
-                                  betas=tuple(args.betas), fused=device.type == 'cuda')
-    train_loader = common.make_loader(train, args, rank, world)
+    model = Finetune(load_model(args, global_pool='avg', num_classes=len(train.classes), drop_path_rate=args.drop_path), args)
+    args.img_size = model.patch_embed.grid[0] * model.patch_size
     val_loader = common.make_loader(val, args, rank, world, shuffle=False, drop_last=False)  # drops < world images
-    steps_per_epoch = len(train_loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise common.UsageError(f"{len(train)} images give no full step at batch {args.batch_size} x {args.accum_iter} "
-                                f"x {world} processes: lower --batch-size or add data")
-    total = args.epochs * steps_per_epoch
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
-    compiled = torch.compile(vit) if args.compile else vit  # compile before the DDP wrap
-    model = compiled if world == 1 else nn.parallel.DistributedDataParallel(
-        compiled, device_ids=[device.index] if device.type == 'cuda' else None)
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.precision]
-    amp = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    os.makedirs(args.output_dir, exist_ok=True)
-    best_path = os.path.join(args.output_dir, 'finetune_best.pth')
-    log = open(os.path.join(args.output_dir, 'finetune_log.jsonl'), 'w') if rank == 0 else None  # this run's rows only
-    if rank == 0:
-        print(f"lr {args.lr:.3g} = blr {args.blr:g} x effective batch {eff_batch} / 256 | layer decay {args.layer_decay} | "
-              f"{total} steps, {warmup} warmup | {num_classes} classes, {len(train)} train / {len(val)} val images")
-    step, best = 0, (-1.0, 0.0, 0)
-    for epoch in range(args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        rng = np.random.default_rng((args.seed, rank, epoch))  # mixup/cutmix draws
-        batches, loss_sum = iter(train_loader), 0.0
-        model.train()
-        for _ in range(steps_per_epoch):
-            lr = common.get_lr(step, total, warmup, args.lr, args.min_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group['lr_scale']
-            for micro in range(args.accum_iter):
-                batch = common.to_device(next(batches), device)
-                img = prepare(vit, common.erase(batch['img'], batch['erase']))  # erasing noise is N(0, 1) in ImageNet's normalization
-                img, target = finetune_batch(rng, img, batch['label'], num_classes, args)
-                sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
-                with (nullcontext() if sync else model.no_sync()), amp:
-                    loss = common.soft_target_cross_entropy(model(img), target)
-                scaler.scale(loss / args.accum_iter).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(vit.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            step += 1
-        top1, top5 = evaluate(compiled, vit, val_loader, device, amp, world)
-        if top1 > best[0]:
-            best = (top1, top5, epoch + 1)
+    best_path, best = os.path.join(args.output_dir, 'finetune_best.pth'), {'top1': -1.0, 'top5': 0.0, 'epoch': 0}
+    if os.path.isfile(best_path) and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):  # --resume
+        best.update({k: v for k, v in common.read_checkpoint(best_path).items() if k in best})
+
+    def evaluate_epoch(epoch):
+        top1, top5 = evaluate(model, val_loader, device, world)
+        if top1 > best['top1']:
+            best.update(top1=top1, top5=top5, epoch=epoch)
             if rank == 0:
-                common.save_checkpoint({'model': vit.state_dict(), 'encoder_kwargs': vit.encoder_kwargs, 'args': vars(args),
-                                        'epoch': epoch + 1, 'top1': top1, 'top5': top5}, best_path)
-        if rank == 0:
-            row = {'epoch': epoch + 1, 'loss': loss_sum.item() / steps_per_epoch, 'lr': lr, 'top1': top1, 'top5': top5}
-            print(f"ep {epoch + 1:3d}/{args.epochs} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                  f"val top-1 {top1:.2f}% top-5 {top5:.2f}% | best {best[0]:.2f}%")
-            log.write(json.dumps(row) + '\n')
-            log.flush()
+                common.save_checkpoint({'model': model.state_dict(), 'encoder_kwargs': model.encoder_kwargs,
+                                        'args': vars(args), **best}, best_path)
+        return {'top1': top1, 'top5': top5, 'best_top1': best['top1']}
+
     if rank == 0:
-        print(f"fine-tune: best top-1 {best[0]:.2f}%  top-5 {best[1]:.2f}%  (epoch {best[2]}) -> {best_path}")
+        print(f"layer decay {args.layer_decay} | {len(train.classes)} classes, {len(train)} train / {len(val)} val images")
+    common.train(args, model, train, layer_decay_groups(model, args.weight_decay, args.layer_decay), evaluate_epoch)
+    if rank == 0:
+        print(f"fine-tune: best top-1 {best['top1']:.2f}%  top-5 {best['top5']:.2f}%  (epoch {best['epoch']}) -> {best_path}")
 
 
 # ----------------------------------------------------------------------------------------------
