@@ -332,7 +332,7 @@ def linear(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     print(f"lr {args.lr:.3g} = blr {args.blr:g} x batch {eff_batch} / 256 | {total} LARS steps, {warmup} warmup")
-    head = linear_head(xva.shape[1], len(train.classes)).to(device)
+    head = linear_head(xva.shape[1], len(train.classes)).to(device).train()
     opt = LARS(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for epoch in range(args.epochs):
@@ -342,7 +342,6 @@ def linear(args):
         else:
             train_loader.sampler.set_epoch(epoch)
             micro = ((fn(b['img']), b['label']) for b in (common.to_device(b, device) for b in train_loader))
-        head.train()
         loss_sum = 0.0
         for i, (x, y) in zip(range(steps_per_epoch * args.accum_iter), micro):
             opt.param_groups[0]['lr'] = common.get_lr(epoch * steps_per_epoch + i // args.accum_iter, total, warmup, args.lr, 0.0)
