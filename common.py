@@ -1215,8 +1215,7 @@ def model_state(model):
 
 class EpochSampler(torch.utils.data.Sampler):
     """DistributedSampler's split (a seeded permutation per epoch, every rank the same length, the
-    remainder dropped so no rank waits), yielding (index, epoch) so that each sample's augmentation
-    is seeded by its index and epoch. `skip` resumes in the middle of an epoch."""
+    remainder dropped), yielding (index, epoch), the seed of a sample's augmentation; `skip` resumes mid-epoch."""
     def __init__(self, n, rank, world, seed, shuffle=True):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.epoch, self.skip, self.per_rank = 0, 0, n // world
