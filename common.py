@@ -1017,8 +1017,7 @@ def setup(args):
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on 1-D parameters (norms, layer scales) and biases (MAE's timm
     add_weight_decay), nor on the names in the model's `no_weight_decay` (BEiT / SimMIM's skip list)."""
-    skip = set(getattr(model, 'no_weight_decay', ()))
-    decay, no_decay = [], []
+    skip, decay, no_decay = set(getattr(model, 'no_weight_decay', ())), [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith('.bias') or name in skip else decay).append(p)
@@ -1037,9 +1036,8 @@ def get_lr(step, total_steps, warmup_steps, lr, min_lr, warmup_lr=0.0, milestone
 
 
 def save_checkpoint(obj, path):
-    """Atomic write: a temporary file, fsync, then rename over `path`, so a kill at any moment
-    leaves either the previous checkpoint or the new one, never a torn file. A failed write (disk
-    full) removes its temporary file and leaves the previous checkpoint."""
+    """Atomic write (a temporary file, fsync, rename over `path`): a kill at any moment, or a failed
+    write (disk full), leaves the previous checkpoint or the new one, never a torn file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
@@ -1102,8 +1100,7 @@ def model_state(model):
 
 class EpochSampler(torch.utils.data.Sampler):
     """DistributedSampler's split (a seeded permutation per epoch, every rank the same length, the
-    remainder dropped so no rank waits), yielding (index, epoch) so that each sample's augmentation
-    is seeded by its index and epoch. `skip` resumes in the middle of an epoch."""
+    remainder dropped), yielding (index, epoch), the seed of a sample's augmentation; `skip` resumes mid-epoch."""
     def __init__(self, n, rank, world, seed, shuffle=True):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.epoch, self.skip, self.per_rank = 0, 0, n // world
@@ -1121,9 +1118,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers leave stop signals to the main process, which saves and then ends them;
-    a signal sent to the whole process group would otherwise kill a worker first and with it the
-    run ("DataLoader worker killed by signal"). A worker whose parent dies exits by itself."""
+    """DataLoader workers leave stop signals to the main process, which saves and then ends them: a
+    signal to the whole process group would otherwise kill a worker first, and with it the run."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -1139,8 +1135,7 @@ def end_workers():
 
 
 def make_loader(dataset, args, rank, world, shuffle=True, drop_last=True):
-    sampler = EpochSampler(len(dataset), rank, world, args.seed, shuffle)
-    workers = args.num_workers
+    sampler, workers = EpochSampler(len(dataset), rank, world, args.seed, shuffle), args.num_workers
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=args.device == 'cuda', drop_last=drop_last,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
@@ -1148,10 +1143,9 @@ def make_loader(dataset, args, rank, world, shuffle=True, drop_last=True):
 
 
 class StopVote:
-    """Whether to stop now, the same answer on every rank. One process: as soon as a signal came.
-    Several: each step launches an asynchronous all-reduce (max) of this rank's flag and reads the
-    one launched two steps earlier, long finished: all ranks stop at the same step, two steps after
-    the first signal on any of them, and the host never waits for the current step's device work."""
+    """Whether to stop now, the same answer on every rank: at once with one process; with several,
+    each step launches an asynchronous all-reduce (max) of this rank's flag and reads the one launched
+    two steps earlier, long finished: all ranks stop at the same step, and the host never waits."""
     def __init__(self, world, device, lag=2):
         self.world, self.device, self.lag, self.pending = world, device, lag, []
 
@@ -1175,11 +1169,8 @@ class StopVote:
 
 def to_device(batch, device):
     """Host batch -> device; uint8 images become ImageNet-normalized float32 there."""
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        out[k] = normalize(v) if v.dtype == torch.uint8 and v.ndim == 4 else v
-    return out
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: normalize(v) if v.dtype == torch.uint8 and v.ndim == 4 else v for k, v in batch.items()}
 
 
 def device_batches(batches, device):
@@ -1237,10 +1228,12 @@ RESUME_FLAGS = ('data', 'synthetic_size', 'epochs', 'warmup_epochs', 'warmup_ste
                 'accum_iter', 'world_size', 'weight_decay', 'betas', 'clip_grad', 'seed')
 
 
-def train(args, model, dataset):
-    """Pretrain `model` on `dataset`. The model protocol: `loss, logs = model(batch)` with batch a
-    dict of device tensors; optionally
-    `model.after_step(step, total_steps)` called after every optimizer step (EMA teachers)."""
+def train(args, model, dataset, groups=None, evaluate=None):
+    """Train `model` on `dataset` (pretraining, and fine-tuning in evaluate.py). The model protocol:
+    `loss, logs = model(batch)` with batch a dict of device tensors; optionally `model.after_step(step,
+    total_steps)` after every optimizer step (EMA teachers). `groups`: AdamW parameter groups (default
+    param_groups), each group's lr times its 'lr_scale'. `evaluate(epochs_done) -> {name: number}`:
+    called on every rank, under autocast, after each epoch; printed and logged."""
     rank, world, device = setup(args)
     ckpt_path, step = os.path.join(args.output_dir, 'checkpoint.pth'), 0
     prepare_output_dir(args.output_dir, ckpt_path, rank)
@@ -1248,7 +1241,8 @@ def train(args, model, dataset):
     eff_batch = args.batch_size * args.accum_iter * world
     lr_rule = f"blr {args.blr:.3g} x effective batch {eff_batch} / 256" if args.lr is None else "--lr or the method's rule"
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups or param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas),
                                   fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')  # a no-op unless fp16
     loader = make_loader(dataset, args, rank, world)
@@ -1264,9 +1258,8 @@ def train(args, model, dataset):
         if not args.resume:
             raise UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output-dir")
         ckpt = read_checkpoint(ckpt_path)
-        own, frozen = model.state_dict(), tuple(getattr(model, 'frozen_prefixes', ())) or ('\0',)
-        bad = [k for k, v in ckpt['model'].items() if k not in own or own[k].shape != v.shape]
-        bad += [k for k in own if k not in ckpt['model'] and not k.startswith(frozen)]
+        own, theirs = model_state(model), ckpt['model']
+        bad = [k for k in {**theirs, **own} if k not in own or k not in theirs or own[k].shape != theirs[k].shape]
         if bad:
             raise UsageError(f"{ckpt_path} was written by another model (first differing keys: {', '.join(bad[:3])}): "
                              "resume with the same --model and method flags, or choose another --output-dir")
@@ -1276,10 +1269,10 @@ def train(args, model, dataset):
         step = ckpt['step']
         changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in RESUME_FLAGS  # JSON: (a, b) == [a, b]
                    if k in ckpt['args'] and json.dumps(ckpt['args'][k]) != json.dumps(getattr(args, k))]
-        if changed and rank == 0:
-            print(f"warning: resuming step {step} with changed flags: {', '.join(changed)}", file=sys.stderr)
         if rank == 0:
             truncate_log(log_path, step)
+            if changed:
+                print(f"warning: resuming step {step} with changed flags: {', '.join(changed)}", file=sys.stderr)
     elif args.resume and rank == 0:  # the usual first launch of a job script that always passes --resume
         print(f"--resume: no checkpoint in {args.output_dir} yet, starting from step 0", file=sys.stderr)
 
@@ -1294,10 +1287,9 @@ def train(args, model, dataset):
     log_file = open(log_path, 'a') if rank == 0 else None
     if rank == 0:
         print(f"lr {args.lr:.3g} ({lr_rule}), effective batch {eff_batch} | "
-              f"{total_steps} steps, {warmup_steps} warmup | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable params")
+              f"{total_steps} steps, {warmup_steps} warmup | {sum(p.numel() for p in params) / 1e6:.1f}M trainable params")
         print(json.dumps(vars(args)))
         log_file.write(json.dumps({'args': vars(args)}) + '\n')
-    params = [p for p in model.parameters() if p.requires_grad]
     # a bar on a terminal only: in a log file its carriage returns make one line of megabytes
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
     # first step whose loss was not finite on this rank, total_steps if none: kept on the device (no host sync)
@@ -1309,8 +1301,7 @@ def train(args, model, dataset):
     handlers = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}  # preemption
 
     def check_finite(weights=False):
-        """Stop every rank (exit 3) if any rank's loss was non-finite, or (`weights`) the weights are:
-        a host sync and, under DDP, an all-reduce, so only where the loop already waits."""
+        """Stop every rank (exit 3) if any rank's loss, or (`weights`) weight, is non-finite: a host sync."""
         first = bad_step.clone()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
@@ -1321,6 +1312,12 @@ def train(args, model, dataset):
         if what:
             kept = f"{ckpt_path} keeps the last good state" if os.path.isfile(ckpt_path) else "no checkpoint was written"
             raise NonFiniteLoss(f"{what}; {kept} (lower --lr, set --clip-grad, or use --precision bf16)")
+
+    def log(row, line):
+        if rank == 0:
+            bar.write(line)
+            log_file.write(json.dumps(row) + '\n')
+            log_file.flush()
 
     def save(epoch):
         check_finite(weights=True)  # never overwrite the last good checkpoint with a diverged model
@@ -1335,16 +1332,15 @@ def train(args, model, dataset):
             epoch, done = divmod(step, steps_per_epoch)
             loader.sampler.set_epoch(epoch, skip=done * args.accum_iter * args.batch_size)
             batches = device_batches(iter(loader), device)
+            model.train()
             for _ in range(steps_per_epoch - done):
                 lr = get_lr(step, total_steps, warmup_steps, args.lr, args.min_lr, getattr(args, 'warmup_lr', 0.0), getattr(args, 'milestones', ()), steps_per_epoch)
                 for group in optimizer.param_groups:
                     group['lr'] = lr * group.get('lr_scale', 1.0)
                 torch.manual_seed(hash((args.seed, rank, step)) % 2 ** 62)  # per-step seed: resuming reproduces the run
-                for micro in range(args.accum_iter):
-                    batch = next(batches)
-                    sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
-                    with (nullcontext() if sync else train_model.no_sync()), autocast:
-                        loss, logs = train_model(batch)
+                for micro in range(args.accum_iter):  # DDP all-reduces on the last micro-step only
+                    with (train_model.no_sync() if world > 1 and micro < args.accum_iter - 1 else nullcontext()), autocast:
+                        loss, logs = train_model(next(batches))
                     scaler.scale(loss / args.accum_iter).backward()
                 if args.clip_grad:
                     scaler.unscale_(optimizer)
@@ -1373,30 +1369,33 @@ def train(args, model, dataset):
                     row = {'epoch': epoch, 'step': step, **{k: round(v.item() / n, 5) for k, v in sums.items()},
                            'lr': lr, 'ms_step': 1000 * dt / n, 'img_s': ips,
                            'mfu': flops * ips / (args.peak_tflops * 1e12 * world) if args.peak_tflops else None}
-                    if rank == 0:
-                        extra = ' | '.join(f"{k} {v:.4f}" for k, v in row.items() if k in sums and k != 'loss')
-                        mfu = f"{100 * row['mfu']:.1f}%" if row['mfu'] is not None else '-'
-                        bar.write(f"ep {epoch:3d} | step {step:6d}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                                  f"{row['ms_step']:7.1f} ms/step | {ips:7.0f} img/s | MFU {mfu}" + (f" | {extra}" if extra else ''))
-                        log_file.write(json.dumps(row) + '\n')
-                        log_file.flush()
+                    extra = ''.join(f" | {k} {v:.4f}" for k, v in row.items() if k in sums and k != 'loss')
+                    mfu = f"{100 * row['mfu']:.1f}%" if row['mfu'] is not None else '-'
+                    log(row, f"ep {epoch:3d} | step {step:6d}/{total_steps} | loss {row['loss']:.4f} | lr {lr:.2e} | "
+                             f"{row['ms_step']:7.1f} ms/step | {ips:7.0f} img/s | MFU {mfu}{extra}")
                     sums, t0, t0_step = {}, time.perf_counter(), step
-                if stop_vote():
-                    save(step // steps_per_epoch)
-                    raise Stopped(f"stopped by signal at step {step}; {ckpt_path} saved: rerun with --resume to continue")
-            if (epoch + 1) % args.save_every == 0 or step == total_steps:
-                save(epoch + 1)
+                if stop := stop_vote():
+                    break
+            end = step % steps_per_epoch == 0  # the epoch is complete: evaluated even when stopping
+            if end and evaluate:
+                with autocast:
+                    t, metrics = time.perf_counter(), evaluate(epoch + 1)
+                log({'epoch': epoch, 'step': step, **metrics},
+                    f"ep {epoch:3d} | step {step:6d}/{total_steps} | " + ' | '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                t0 += time.perf_counter() - t  # the evaluation's time is no training step's
+            if stop or end and ((epoch + 1) % args.save_every == 0 or step == total_steps):
+                save(step // steps_per_epoch)
+            if stop:
+                raise Stopped(f"stopped by signal at step {step}; {ckpt_path} saved: rerun with --resume to continue")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     bar.close()
     if world > 1:  # DDP must leave every rank with the same parameters: check it once, at the end
-        vec = torch.cat([p.detach().flatten() for p in model.parameters()])
-        ref = vec.clone()
-        dist.broadcast(ref, 0)
-        same = torch.tensor(float(torch.equal(vec, ref)), device=device)
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        if same.item() != 1.0:
+        lo, hi = (torch.cat([p.detach().flatten() for p in model.parameters()]) for _ in range(2))
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
             raise RuntimeError("parameters differ across ranks after training")
         if rank == 0:
             print(f"parameters identical on all {world} ranks")

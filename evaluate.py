@@ -6,32 +6,19 @@ checkpoint's architecture with fresh weights, the baseline to beat) and images f
 (DIR/train and DIR/val class folders, or --train/--val) or --data synthetic. Features come from the
 frozen encoder in eval mode, at the checkpoint's resolution unless --img-size says otherwise.
 
-  python evaluate.py knn --ckpt out/simmim/checkpoint.pth --data /imagenet
-      weighted k-NN (DINO): % of val images whose 20 cosine-nearest train images, voting with
-      weight exp(sim / 0.07), put the true class first (top-1) or among the first five (top-5)
-  python evaluate.py linear --ckpt CKPT --data /imagenet --cache-features
-      linear probe (MAE): top-1/top-5 % of a BatchNorm + linear classifier on the frozen cls feature
-  torchrun --nproc_per_node=8 evaluate.py finetune --ckpt CKPT --data /imagenet
-      end-to-end fine-tuning (BEiT/MAE recipe): val top-1/top-5 % each epoch, best kept in
-      OUTPUT/finetune_best.pth
-  python evaluate.py retrieval --ckpt CKPT --data /imagenet
-      Recall@1 (SupMIM Tab. 4): % of val queries whose cosine-nearest train image has their class
-  python evaluate.py attention-distance --ckpt CKPT --data /imagenet --output-dir out/analysis
-      mean attention distance in pixels per block and head (ViT Fig. 7, LUT Eq. 4): how far each
-      head looks; small = local heads
-  python evaluate.py cka --ckpt CKPT --data /imagenet --output-dir out/analysis
-      linear CKA (0..1) between each block's features and the last block's (DeepMIM Fig. 4)
-  python evaluate.py spectrum --ckpt CKPT --data /imagenet --output-dir out/analysis
-      singular values of the feature covariance per block, as fractions of their sum (LUT Sec. 6.2.3):
-      a flatter curve (higher effective rank) = features spread over more directions
-  python evaluate.py reconstruct --ckpt out/simmim/checkpoint.pth --data /imagenet
-      PNG grid, one row per image: original | masked | reconstruction (SimMIM Fig. 4)
-  python evaluate.py avgdist
-      SimMIM's AvgDist (Fig. 3): mean distance in pixels from a masked pixel to the nearest visible
-      one, for each method's mask generator at 224 px
-  python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth
-      the encoder under timm's names ('model', timm's Beit layout with a relative position bias) and its
-      architecture ('encoder_kwargs'); prints the timm line that builds the model loading it strictly
+  python evaluate.py knn --ckpt out/simmim/checkpoint.pth --data /imagenet   weighted k-NN (DINO)
+  python evaluate.py linear --ckpt CKPT --data /imagenet --cache-features    linear probe (MAE)
+  torchrun --nproc_per_node=8 evaluate.py finetune --ckpt CKPT --data /imagenet   fine-tuning (BEiT/MAE) in the
+      pretraining loop (--resume, preemption, log.jsonl); the best epoch kept in OUTPUT/finetune_best.pth
+  python evaluate.py retrieval --ckpt CKPT --data /imagenet                  Recall@1 (SupMIM Tab. 4)
+  python evaluate.py attention-distance --ckpt CKPT --data /imagenet         per block and head (LUT Eq. 4)
+  python evaluate.py cka --ckpt CKPT --data /imagenet                        each block vs the last (DeepMIM Fig. 4)
+  python evaluate.py spectrum --ckpt CKPT --data /imagenet                   of features per block (LUT Sec. 6.2.3)
+  python evaluate.py reconstruct --ckpt out/simmim/checkpoint.pth --data /imagenet   PNG (SimMIM Fig. 4)
+  python evaluate.py avgdist                                                 of each method's masks (SimMIM Fig. 3)
+  python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth   the encoder under timm's names
+      ('model'; timm's Beit layout with a relative position bias) and its architecture ('encoder_kwargs')
+The protocols print top-1/top-5 % (Recall@1 %); the analyses write CSV tables and PNG plots to --output-dir.
 
 On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` to any of them
 (`linear ... --cache-features --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3 --blr 10`:
@@ -48,10 +35,9 @@ predicts per-patch normalized pixels maps them back with each true patch's mean 
 import argparse
 import csv
 import importlib
-import json
+import itertools
 import math
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -70,14 +56,14 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    enc = argparse.ArgumentParser(add_help=False)
-    enc.add_argument('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE, BEiT, SimMIM or OpenAI CLIP')
-    enc.add_argument('--format', choices=['auto', 'timm', 'clip'], default='auto',
-                     help='auto: a ViT checkpoint (ours/timm/DeiT/DINO/MAE/BEiT/SimMIM), else OpenAI CLIP')
-    enc.add_argument('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
-    enc.add_argument('--num-heads', type=int, default=None,
-                     help='attention heads, for a bare state dict whose width is not a standard size (default: from the width)')
-    paths = argparse.ArgumentParser(add_help=False)
+    enc, paths, pool = (argparse.ArgumentParser(add_help=False) for _ in range(3))
+    a = enc.add_argument
+    a('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE, BEiT, SimMIM or OpenAI CLIP')
+    a('--format', choices=['auto', 'timm', 'clip'], default='auto',
+      help='auto: a ViT checkpoint (ours/timm/DeiT/DINO/MAE/BEiT/SimMIM), else OpenAI CLIP')
+    a('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
+    a('--num-heads', type=int, default=None,
+      help='attention heads, for a bare state dict whose width is not a standard size (default: from the width)')
     paths.add_argument('--train', default=None, help='train class folders (default: DATA/train)')
     paths.add_argument('--val', default=None, help='val class folders (default: DATA/val)')
     data = argparse.ArgumentParser(add_help=False, parents=[paths])
@@ -90,51 +76,51 @@ def get_args(argv=None):
     a('--seed', type=int, default=0)
     a('--device', default=None, help='default: cuda if available, else cpu')
     a('--output-dir', default='out/eval', help='where tables, plots and images go')
+    pool.add_argument('--pool', choices=['cls', 'avg'], default='cls', help='image feature: cls token or mean patch token')
 
     def add(name, help, parents, **defaults):  # 'resolve': common's parser brings its own -h
         p = sub.add_parser(name, help=help, description=help, parents=parents, conflict_handler='resolve',
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(**defaults)
-        return p
-    pool = argparse.ArgumentParser(add_help=False)
-    pool.add_argument('--pool', choices=['cls', 'avg'], default='cls', help='image feature: cls token or mean patch token')
-    p = add('knn', "DINO's weighted k-NN on frozen features", [enc, data, pool])
-    p.add_argument('--k', type=int, default=20, help='neighbours (DINO)')
-    p.add_argument('--temperature', type=float, default=0.07, help='votes weighted exp(sim / T) (DINO)')
+        return p.add_argument
+    a = add('knn', "DINO's weighted k-NN on frozen features", [enc, data, pool])
+    a('--k', type=int, default=20, help='neighbours (DINO)')
+    a('--temperature', type=float, default=0.07, help='votes weighted exp(sim / T) (DINO)')
     add('retrieval', 'Recall@1, val queries against the train index (SupMIM Tab. 4)', [enc, data, pool])
-    p = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool],
+    a = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool],
             batch_size=512)  # MAE: 512 per GPU x 32 GPUs (--accum-iter 32) = 16384
-    p.add_argument('--accum-iter', type=int, default=32, help='micro-batches per LARS step (MAE: 32 GPUs)')
-    p.add_argument('--epochs', type=int, default=90, help='MAE linear probe')
-    p.add_argument('--warmup-epochs', type=float, default=10, help='MAE linear probe')
-    p.add_argument('--blr', type=float, default=0.1, help='lr = blr * effective batch / 256 (MAE)')
-    p.add_argument('--lr', type=float, default=None, help='absolute lr (overrides --blr)')
-    p.add_argument('--weight-decay', type=float, default=0.0, help='MAE linear probe')
-    p.add_argument('--cache-features', action='store_true',
-                   help='extract features once (center crop, no augmentation) and train on them: fast; '
-                        "MAE's probe instead sees RandomResizedCrop + flip views")
+    a('--accum-iter', type=int, default=32, help='micro-batches per LARS step (MAE: 32 GPUs)')
+    a('--epochs', type=int, default=90, help='MAE linear probe')
+    a('--warmup-epochs', type=float, default=10, help='MAE linear probe')
+    a('--blr', type=float, default=0.1, help='lr = blr * effective batch / 256 (MAE)')
+    a('--lr', type=float, default=None, help='absolute lr (overrides --blr)')
+    a('--weight-decay', type=float, default=0.0, help='MAE linear probe')
+    a('--cache-features', action='store_true', help='extract features once (center crop, no augmentation) and train on '
+      "them: fast; MAE's probe instead sees RandomResizedCrop + flip views")
     for name, help in (('attention-distance', 'mean attention distance per block and head (LUT Eq. 4)'),
                        ('cka', "linear CKA of each block's features with the last block's (DeepMIM Fig. 4)"),
                        ('spectrum', 'singular values of the feature covariance per block (LUT Sec. 6.2.3)')):
-        p = add(name, help, [enc, data], batch_size=64)
-        p.add_argument('--num-images', type=int, default=5000, help='val images (a seeded random subset)')
-        if name == 'spectrum':
-            p.add_argument('--layers', type=int, nargs='+', default=None, help='blocks to plot (default: four, the last included)')
-    p = add('reconstruct', 'original / masked / reconstruction PNG grid (SimMIM Fig. 4)', [data])
-    p.add_argument('--ckpt', required=True, help='a pretraining checkpoint of a pixel method')
-    p.add_argument('--method', default=None, help="script name (default: the checkpoint's, or simmim)")
-    p.add_argument('--num-images', type=int, default=8)
-    p.add_argument('--mask-seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='PNG path (default: OUTPUT/reconstruct.png)')
-    p = add('avgdist', "SimMIM's AvgDist of each method's mask generator (Fig. 3)", [])
-    p.add_argument('--num-masks', type=int, default=200)
-    p.add_argument('--seed', type=int, default=0)
-    p = add('export', 'plain encoder state dict under timm names', [enc])
-    p.add_argument('--out', required=True, help='output .pth file')
-    p.add_argument('--seed', type=int, default=0, help='for --random-init')
+        a = add(name, help, [enc, data], batch_size=64)
+        a('--num-images', type=int, default=5000, help='val images (a seeded random subset)')
+    sub.choices['spectrum'].add_argument('--layers', type=int, nargs='+', default=None,
+                                         help='blocks to plot (default: four, the last included)')
+    a = add('reconstruct', 'original / masked / reconstruction PNG grid (SimMIM Fig. 4)', [data])
+    a('--ckpt', required=True, help='a pretraining checkpoint of a pixel method')
+    a('--method', default=None, help="script name (default: the checkpoint's, or simmim)")
+    a('--num-images', type=int, default=8)
+    a('--mask-seed', type=int, default=0)
+    a('--out', default=None, help='PNG path (default: OUTPUT/reconstruct.png)')
+    a = add('avgdist', "SimMIM's AvgDist of each method's mask generator (Fig. 3)", [])
+    a('--num-masks', type=int, default=200)
+    a('--seed', type=int, default=0)
+    a = add('export', 'plain encoder state dict under timm names', [enc])
+    a('--out', required=True, help='output .pth file')
+    a('--seed', type=int, default=0, help='for --random-init')
 
-    p = add('finetune', 'end-to-end fine-tuning with the BEiT/MAE recipe', [common.get_parser(__doc__), enc, paths])
-    a = p.add_argument
+    a = add('finetune', 'end-to-end fine-tuning with the BEiT/MAE recipe', [common.get_parser(__doc__), enc, paths],
+            batch_size=128,  # x 8 GPUs = 1024; the rest is MAE's ViT-B recipe (FINETUNE.md, REFERENCE.md)
+            blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
+            betas=(0.9, 0.999), img_size=None, output_dir='out/finetune', save_every=1)  # MAE: a checkpoint every epoch
     a('--layer-decay', type=float, default=0.65, help="layer-wise lr decay (MAE's ViT-B)")
     a('--smoothing', type=float, default=0.1, help='label smoothing')
     a('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
@@ -147,12 +133,8 @@ def get_args(argv=None):
     #   SimMIM Sec. 4.1.1 + 4.2: batch 2048, base lr 5e-3, 100 epochs, 10 warmup, layer decay 0.65, drop path .1
     #   DeepMIM App. A: MAE's recipe with lr 2e-4 (4e-4 for CLIP targets), layer decay 0.65 (0.6 after 800 epochs)
     #   LUT App. B Tab. D: base lr 2.5e-4 (B) / 5e-4 (S), layer decay 0.65 (B) / 0.75 (S), 100 (B) / 300 (S) epochs
-    p.set_defaults(  # MAE's ViT-B recipe (FINETUNE.md, REFERENCE.md)
-        batch_size=128,  # x 8 GPUs = 1024
-        blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
-        betas=(0.9, 0.999), img_size=None, output_dir='out/finetune')
-    for action in p._actions:  # shared pretraining flags that fine-tuning does not use
-        if action.dest in ('model', 'patch_size', 'resume', 'save_every', 'peak_tflops', 'skip_nonfinite', 'log_every'):
+    for action in sub.choices['finetune']._actions:
+        if action.dest in ('model', 'patch_size'):  # the checkpoint's
             action.help = argparse.SUPPRESS
         action.required = action.required and action.dest != 'data'  # --train and --val do without it
     return parser.parse_args(argv)
@@ -167,17 +149,15 @@ def load_model(args, **overrides):
     num_classes, ...) and --img-size. `vit.mean_std` is the input normalization it was trained with."""
     if not os.path.isfile(args.ckpt):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
-    if getattr(args, 'img_size', None):
-        overrides['img_size'] = args.img_size  # pos_embed is resampled to it
-    overrides['num_heads'] = getattr(args, 'num_heads', None)  # needed for a bare state dict of a non-standard width
+    overrides.update(img_size=getattr(args, 'img_size', None),  # pos_embed is resampled to it
+                     num_heads=getattr(args, 'num_heads', None))  # needed for a bare state dict of a non-standard width
     vit, error, mean_std = None, None, (common.IMAGENET_MEAN, common.IMAGENET_STD)
-    if args.format != 'clip':
-        try:
-            vit = common.build_encoder(args.ckpt, **overrides)[0]
-        except common.UsageError as e:
-            if args.format == 'timm':
-                raise
-            error = e  # auto: perhaps OpenAI CLIP; if not, this is the error to report
+    try:
+        vit = common.build_encoder(args.ckpt, **overrides)[0] if args.format != 'clip' else None
+    except common.UsageError as e:
+        if args.format == 'timm':
+            raise
+        error = e  # auto: perhaps OpenAI CLIP; if not, this is the error to report
     if vit is None:  # OpenAI CLIP: rebuild with the overrides, then copy the weights across
         try:
             clip = common.load_clip_visual(args.ckpt)[0]
@@ -189,8 +169,7 @@ def load_model(args, **overrides):
     if args.random_init:
         torch.manual_seed(args.seed)
         vit = common.VisionTransformer(**vit.encoder_kwargs)
-    vit.mean_std = mean_std
-    kw = vit.encoder_kwargs
+    vit.mean_std, kw = mean_std, vit.encoder_kwargs
     print(f"encoder: {kw['embed_dim']} wide, {kw['depth']} blocks, patch {kw['patch_size']}, {kw['img_size']} px, "
           f"{sum(p.numel() for p in vit.parameters()) / 1e6:.1f}M params" + (' (random init)' if args.random_init else ''))
     return vit
@@ -198,9 +177,7 @@ def load_model(args, **overrides):
 
 def prepare(vit, img):
     """An ImageNet-normalized batch in the normalization the encoder was trained with (CLIP's differs)."""
-    if vit.mean_std[0] == common.IMAGENET_MEAN:
-        return img
-    return common.renormalize(img, *vit.mean_std)
+    return img if vit.mean_std[0] == common.IMAGENET_MEAN else common.renormalize(img, *vit.mean_std)
 
 
 def get_device(args):
@@ -235,30 +212,27 @@ def loader(ds, args, shuffle=False):
     return common.make_loader(ds, args, 0, 1, shuffle=shuffle, drop_last=False)
 
 
-def pool_tokens(vit, z, pool):
-    """Image feature from the final tokens [B, prefix + L, D]: the cls token, or the patch-token mean
-    (through fc_norm when the encoder pools that way)."""
-    if pool == 'cls':
-        if not vit.num_prefix:
-            raise common.UsageError("this encoder has no cls token: use --pool avg")
-        return z[:, 0]
-    return vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
+@torch.no_grad()
+def features(vit, img, pool, device):
+    """The image feature from the frozen encoder: the cls token, or the patch-token mean (through
+    fc_norm when the encoder pools that way)."""
+    if pool == 'cls' and not vit.num_prefix:
+        raise common.UsageError("this encoder has no cls token: use --pool avg")
+    with autocast(device):
+        z = vit.forward_features(prepare(vit, img))  # [B, prefix + L, D]
+    z = z[:, 0] if pool == 'cls' else vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
+    return z.float()
 
 
 @torch.no_grad()
-def features(vit, img, pool, device):
-    with autocast(device):
-        return pool_tokens(vit, vit.forward_features(prepare(vit, img)), pool).float()
-
-
-def extract_features(vit, data, device, pool):
-    """Frozen features [N, D] and labels [N] of a loader, on the device."""
-    feats, labels = [], []
+def outputs(fn, data, device):
+    """fn(img) and the labels over a loader, concatenated on the device: ([N, ...], [N])."""
+    out, labels = [], []
     for batch in data:
         batch = common.to_device(batch, device)
-        feats.append(features(vit, batch['img'], pool, device))
+        out.append(fn(batch['img']).float())
         labels.append(batch['label'])
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(out), torch.cat(labels)
 
 
 def topk_correct(scores, labels, ks=(1, 5)):
@@ -293,21 +267,19 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
 def frozen_train_val(args):
     device = get_device(args)
     vit = load_model(args).to(device).eval()
-    tf = common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)
-    train, val = datasets(args, tf, tf)
-    return [extract_features(vit, loader(ds, args), device, args.pool) for ds in (train, val)] + [len(train.classes)]
+    train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
+    fn = lambda img: features(vit, img, args.pool, device)  # noqa: E731
+    return [outputs(fn, loader(ds, args), device) for ds in (train, val)] + [len(train.classes)]
 
 
-def knn(args):
+def knn(args):  # and retrieval
     (xtr, ytr), (xva, yva), num_classes = frozen_train_val(args)
+    if args.command == 'retrieval':
+        print(f"Recall@1 ({args.pool}): {recall_at_1(xtr, ytr, xva, yva):.2f}%  ({len(yva)} queries / {len(ytr)} index)")
+        return
     top1, top5 = (100 * topk_correct(knn_classify(xtr, ytr, xva, num_classes, args.k, args.temperature), yva) / len(yva)).tolist()
     print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
           f"({len(ytr)} train / {len(yva)} val)")
-
-
-def retrieval(args):
-    (xtr, ytr), (xva, yva), _ = frozen_train_val(args)
-    print(f"Recall@1 ({args.pool}): {recall_at_1(xtr, ytr, xva, yva):.2f}%  ({len(yva)} queries / {len(ytr)} index)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,17 +297,14 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for g in self.param_groups:
-            for p in g['params']:
-                if p.grad is None:
-                    continue
+            for p in (p for p in g['params'] if p.grad is not None):
                 u = p.grad
                 if p.ndim > 1:
                     u = u.add(p, alpha=g['weight_decay'])
                     pn, un = p.norm(), u.norm()
                     u = u * torch.where((pn > 0) & (un > 0), g['trust_coefficient'] * pn / un, torch.ones_like(pn))
                 mu = self.state[p].setdefault('mu', torch.zeros_like(p))
-                mu.mul_(g['momentum']).add_(u)
-                p.add_(mu, alpha=-g['lr'])
+                p.add_(mu.mul_(g['momentum']).add_(u), alpha=-g['lr'])
 
 
 def linear_head(dim, num_classes):
@@ -350,50 +319,42 @@ def linear_head(dim, num_classes):
 def linear(args):
     device = get_device(args)
     vit = load_model(args).to(device).eval()
-    size = vit.patch_embed.grid[0] * vit.patch_size
+    size, fn = vit.patch_embed.grid[0] * vit.patch_size, lambda img: features(vit, img, args.pool, device)
     augment = lambda rng, img: {'img': common.to_tensor(common.hflip(rng, common.random_resized_crop(rng, img, size)))}  # noqa: E731
     train, val = datasets(args, common.eval_transform(size) if args.cache_features else augment, common.eval_transform(size))
-    xva, yva = extract_features(vit, loader(val, args), device, args.pool)
+    (xva, yva), train_loader = outputs(fn, loader(val, args), device), common.make_loader(train, args, 0, 1)
     if args.cache_features:
-        xtr, ytr = extract_features(vit, loader(train, args), device, args.pool)
-    else:
-        train_loader = common.make_loader(train, args, 0, 1)
+        xtr, ytr = outputs(fn, loader(train, args), device)
     eff_batch = args.batch_size * args.accum_iter
-    steps_per_epoch = len(train) // eff_batch
-    if steps_per_epoch == 0:
+    if (steps_per_epoch := len(train) // eff_batch) == 0:
         raise common.UsageError(f"{len(train)} train images give no step at --batch-size {args.batch_size} x "
                                 f"--accum-iter {args.accum_iter}: lower them")
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     print(f"lr {args.lr:.3g} = blr {args.blr:g} x batch {eff_batch} / 256 | {total} LARS steps, {warmup} warmup")
-    head = linear_head(xva.shape[1], len(train.classes)).to(device)
+    head = linear_head(xva.shape[1], len(train.classes)).to(device).train()
     opt = LARS(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    gen, step = torch.Generator(device=device).manual_seed(args.seed), 0
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     for epoch in range(args.epochs):
         if args.cache_features:
             order = torch.randperm(len(ytr), generator=gen, device=device)[:steps_per_epoch * eff_batch]
             micro = ((xtr[i], ytr[i]) for i in order.split(args.batch_size))
         else:
             train_loader.sampler.set_epoch(epoch)
-            micro = ((features(vit, b['img'], args.pool, device), b['label'])
-                     for b in (common.to_device(b, device) for b in train_loader))
-        head.train()
+            micro = ((fn(b['img']), b['label']) for b in (common.to_device(b, device) for b in train_loader))
         loss_sum = 0.0
         for i, (x, y) in zip(range(steps_per_epoch * args.accum_iter), micro):
-            if i % args.accum_iter == 0:
-                opt.param_groups[0]['lr'] = common.get_lr(step, total, warmup, args.lr, 0.0)
+            opt.param_groups[0]['lr'] = common.get_lr(epoch * steps_per_epoch + i // args.accum_iter, total, warmup, args.lr, 0.0)
             loss = F.cross_entropy(head(x), y)
             (loss / args.accum_iter).backward()
             loss_sum += loss.detach()
             if (i + 1) % args.accum_iter == 0:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                step += 1
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
             print(f"ep {epoch + 1:3d}/{args.epochs} | loss {loss_sum.item() / (steps_per_epoch * args.accum_iter):.4f}")
-    head.eval()
     with torch.no_grad():
-        top1, top5 = (100 * topk_correct(head(xva), yva) / len(yva)).tolist()
+        top1, top5 = (100 * topk_correct(head.eval()(xva), yva) / len(yva)).tolist()
     print(f"linear probe ({args.pool}, {args.epochs} epochs{', cached features' if args.cache_features else ''}): "
           f"top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({len(train)} train / {len(yva)} val)")
 
@@ -402,26 +363,17 @@ def linear(args):
 # Fine-tuning (BEiT / MAE, main_finetune.py)
 
 
-def layer_id(name, num_layers):
-    """MAE's get_layer_id_for_vit: 0 for the embeddings (and CLIP's norm_pre, as FT-CLIP), i + 1
-    for blocks.i, num_layers for the rest (final norm, fc_norm, head, and, as in BEiT's code, the
-    shared relative position bias)."""
-    if name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.')):
-        return 0
-    if name.startswith('blocks.'):
-        return int(name.split('.')[1]) + 1
-    return num_layers
-
-
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """AdamW groups with lr_scale = layer_decay ** (num_layers - layer_id), num_layers = depth + 1
-    (MAE's param_groups_lrd); no weight decay on 1-D parameters, cls_token, pos_embed and (BEiT) the
+    """MAE's param_groups_lrd: AdamW groups with lr_scale = layer_decay ** (num_layers - layer_id),
+    num_layers = depth + 1, layer_id 0 for the embeddings (and CLIP's norm_pre, as FT-CLIP), i + 1 for
+    blocks.i, num_layers for the rest (final norm, fc_norm, head, and, as in BEiT's code, the shared
+    relative position bias). No weight decay on 1-D parameters, cls_token, pos_embed and (BEiT) the
     relative position bias table."""
     num_layers, groups = model.depth + 1, {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        i, no_wd = layer_id(name, num_layers), p.ndim == 1 or name.endswith(('cls_token', 'pos_embed', 'bias_table'))
+        embedding = name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.'))
+        i = 0 if embedding else int(name.split('.')[1]) + 1 if name.startswith('blocks.') else num_layers
+        no_wd = p.ndim == 1 or name.endswith(('cls_token', 'pos_embed', 'bias_table'))
         group = groups.setdefault((i, no_wd), {'params': [], 'weight_decay': 0.0 if no_wd else weight_decay,
                                                'lr_scale': layer_decay ** (num_layers - i)})
         group['params'].append(p)
@@ -438,101 +390,64 @@ def finetune_transform(args):
     return transform
 
 
-def finetune_batch(rng, img, labels, num_classes, args):
-    """Mixup/CutMix on the batch with label-smoothed soft targets (timm Mixup, MAE); with both
-    alphas 0, the targets are the smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
-    return common.mixup_cutmix(rng, img, labels, num_classes, args.mixup, args.cutmix, label_smoothing=args.smoothing)
+class Finetune(common.VisionTransformer):
+    """The encoder with its classifier in the training loop's protocol, `loss, logs = model(batch)`:
+    random erasing, mixup/cutmix and label smoothing on the device batch, then soft-target cross-entropy
+    (timm's Mixup and SoftTargetCrossEntropy, as MAE's main_finetune). Its state dict has timm's names."""
 
+    def __init__(self, vit, args):
+        super().__init__(**vit.encoder_kwargs)
+        self.load_state_dict(vit.state_dict())
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: start near zero logits
+        nn.init.zeros_(self.head.bias)
+        self.mean_std, self.mixup, self.cutmix, self.smoothing = vit.mean_std, args.mixup, args.cutmix, args.smoothing
 
-@torch.no_grad()
-def evaluate(model, vit, data, device, amp, world):
-    """Top-1 / top-5 % on the val loader (each rank its share, summed across ranks)."""
-    model.eval()
-    hits = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for batch in data:
-        batch = common.to_device(batch, device)
-        with amp:
-            logits = model(prepare(vit, batch['img']))
-        hits += torch.cat([topk_correct(logits.float(), batch['label']), hits.new_tensor([len(logits)])])
-    if world > 1:
-        dist.all_reduce(hits)
-    return (100 * hits[:2] / hits[2]).tolist()
+    @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
+    def mix(self, img, labels):
+        """Mixup/CutMix on the batch with label-smoothed soft targets [B, C]; with both alphas 0, the
+        smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
+        rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
+        return common.mixup_cutmix(rng, img, labels, self.head.out_features, self.mixup, self.cutmix, label_smoothing=self.smoothing)
+
+    def logits(self, img):  # img ImageNet-normalized
+        return super().forward(prepare(self, img))
+
+    def forward(self, batch):
+        img = common.erase(batch['img'], batch['erase'])  # erasing noise is N(0, 1) in ImageNet's normalization
+        img, target = self.mix(img, batch['label'])
+        return common.soft_target_cross_entropy(self.logits(img), target), {}
 
 
 def finetune(args):
     rank, world, device = common.setup(args)
     # args.img_size (None: the checkpoint's) is read when the transforms run, after load_model
     train, val = datasets(args, finetune_transform(args), lambda rng, img: common.eval_transform(args.img_size)(rng, img))
-    num_classes = len(train.classes)
-    vit = load_model(args, global_pool='avg', num_classes=num_classes, drop_path_rate=args.drop_path)
-    args.img_size = vit.patch_embed.grid[0] * vit.patch_size
-    nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: start near zero logits
-    nn.init.zeros_(vit.head.bias)
-    vit.to(device)
-    eff_batch = args.batch_size * args.accum_iter * world
-    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(layer_decay_groups(vit, args.weight_decay, args.layer_decay), lr=args.lr,
-                                  betas=tuple(args.betas), fused=device.type == 'cuda')
-    train_loader = common.make_loader(train, args, rank, world)
+    model = Finetune(load_model(args, global_pool='avg', num_classes=len(train.classes), drop_path_rate=args.drop_path), args)
+    args.img_size = model.patch_embed.grid[0] * model.patch_size
     val_loader = common.make_loader(val, args, rank, world, shuffle=False, drop_last=False)  # drops < world images
-    steps_per_epoch = len(train_loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise common.UsageError(f"{len(train)} images give no full step at batch {args.batch_size} x {args.accum_iter} "
-                                f"x {world} processes: lower --batch-size or add data")
-    total = args.epochs * steps_per_epoch
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
-    compiled = torch.compile(vit) if args.compile else vit  # compile before the DDP wrap
-    model = compiled if world == 1 else nn.parallel.DistributedDataParallel(
-        compiled, device_ids=[device.index] if device.type == 'cuda' else None)
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.precision]
-    amp = torch.autocast(device.type, dtype=dtype, enabled=args.precision != 'fp32')
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
-    os.makedirs(args.output_dir, exist_ok=True)
-    best_path = os.path.join(args.output_dir, 'finetune_best.pth')
-    log = open(os.path.join(args.output_dir, 'finetune_log.jsonl'), 'w') if rank == 0 else None  # this run's rows only
-    if rank == 0:
-        print(f"lr {args.lr:.3g} = blr {args.blr:g} x effective batch {eff_batch} / 256 | layer decay {args.layer_decay} | "
-              f"{total} steps, {warmup} warmup | {num_classes} classes, {len(train)} train / {len(val)} val images")
-    step, best = 0, (-1.0, 0.0, 0)
-    for epoch in range(args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        rng = np.random.default_rng((args.seed, rank, epoch))  # mixup/cutmix draws
-        batches, loss_sum = iter(train_loader), 0.0
-        model.train()
-        for _ in range(steps_per_epoch):
-            lr = common.get_lr(step, total, warmup, args.lr, args.min_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group['lr_scale']
-            for micro in range(args.accum_iter):
-                batch = common.to_device(next(batches), device)
-                img = prepare(vit, common.erase(batch['img'], batch['erase']))  # erasing noise is N(0, 1) in ImageNet's normalization
-                img, target = finetune_batch(rng, img, batch['label'], num_classes, args)
-                sync = world == 1 or micro == args.accum_iter - 1  # all-reduce only on the last micro-step
-                with (nullcontext() if sync else model.no_sync()), amp:
-                    loss = common.soft_target_cross_entropy(model(img), target)
-                scaler.scale(loss / args.accum_iter).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(vit.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            step += 1
-        top1, top5 = evaluate(compiled, vit, val_loader, device, amp, world)
-        if top1 > best[0]:
-            best = (top1, top5, epoch + 1)
+    best_path, best = os.path.join(args.output_dir, 'finetune_best.pth'), {'top1': -1.0, 'top5': 0.0, 'epoch': 0}
+    if os.path.isfile(best_path) and os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth')):  # --resume
+        best.update({k: v for k, v in common.read_checkpoint(best_path).items() if k in best})
+
+    def evaluate(epoch):  # top-1 / top-5 % on val, each rank its share, summed across ranks
+        model.eval()
+        logits, labels = outputs(model.logits, val_loader, device)
+        hits = torch.cat([topk_correct(logits, labels), logits.new_tensor([len(labels)])])  # top-1, top-5, images
+        if world > 1:
+            dist.all_reduce(hits)
+        top1, top5 = (100 * hits[:2] / hits[2]).tolist()
+        if top1 > best['top1']:
+            best.update(top1=top1, top5=top5, epoch=epoch)
             if rank == 0:
-                common.save_checkpoint({'model': vit.state_dict(), 'encoder_kwargs': vit.encoder_kwargs, 'args': vars(args),
-                                        'epoch': epoch + 1, 'top1': top1, 'top5': top5}, best_path)
-        if rank == 0:
-            row = {'epoch': epoch + 1, 'loss': loss_sum.item() / steps_per_epoch, 'lr': lr, 'top1': top1, 'top5': top5}
-            print(f"ep {epoch + 1:3d}/{args.epochs} | loss {row['loss']:.4f} | lr {lr:.2e} | "
-                  f"val top-1 {top1:.2f}% top-5 {top5:.2f}% | best {best[0]:.2f}%")
-            log.write(json.dumps(row) + '\n')
-            log.flush()
+                common.save_checkpoint({'model': model.state_dict(), 'encoder_kwargs': model.encoder_kwargs,
+                                        'args': vars(args), **best}, best_path)
+        return {'top1': top1, 'top5': top5, 'best_top1': best['top1']}
+
     if rank == 0:
-        print(f"fine-tune: best top-1 {best[0]:.2f}%  top-5 {best[1]:.2f}%  (epoch {best[2]}) -> {best_path}")
+        print(f"layer decay {args.layer_decay} | {len(train.classes)} classes, {len(train)} train / {len(val)} val images")
+    common.train(args, model, train, layer_decay_groups(model, args.weight_decay, args.layer_decay), evaluate)
+    if rank == 0:
+        print(f"fine-tune: best top-1 {best['top1']:.2f}%  top-5 {best['top5']:.2f}%  (epoch {best['epoch']}) -> {best_path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,40 +499,39 @@ def block_features(vit, img):
     return torch.stack([o[:, vit.num_prefix:].mean(1) for o in outs], 1)
 
 
-@torch.no_grad()
 def analyse(args, fn):
     """fn(vit, img) over a seeded random subset of --num-images val images -> (vit, [N, ...] on the CPU)."""
     device = get_device(args)
     vit = load_model(args).to(device).eval()
     val = dataset(args, 'val', common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size))
-    out, n = [], 0
-    for batch in loader(val, args, shuffle=True):
-        with autocast(device):
-            out.append(fn(vit, prepare(vit, common.to_device(batch, device)['img'])).float().cpu())
-        n += len(out[-1])
-        if n >= args.num_images:
-            break
+    batches = itertools.islice(loader(val, args, shuffle=True), math.ceil(args.num_images / args.batch_size))
+    with autocast(device):
+        out = outputs(lambda img: fn(vit, prepare(vit, img)), batches, device)[0]
     os.makedirs(args.output_dir, exist_ok=True)
-    return vit, torch.cat(out)[:args.num_images]
+    return vit, out[:args.num_images].cpu()
+
+
+def report(args, name, header, rows, series, xlabel, ylabel, title, logy=False, show=None):
+    table(os.path.join(args.output_dir, f'{name}.csv'), header, rows, show)
+    plot_lines(os.path.join(args.output_dir, f'{name}.png'), series, xlabel, ylabel, title, logy)
 
 
 def attention_distance_cmd(args):
     vit, d = analyse(args, block_attention_distances)
-    d, depth, heads = d.mean(0), d.shape[1], d.shape[2]  # [depth, H], averaged over images
-    rows = [[i + 1, *d[i].tolist(), d[i].mean().item()] for i in range(depth)]
-    table(os.path.join(args.output_dir, 'attention_distance.csv'), ['block', *[f'head{h}' for h in range(heads)], 'mean'], rows)
-    layers = list(range(1, depth + 1))
-    plot_lines(os.path.join(args.output_dir, 'attention_distance.png'),
-               [('heads', [l for l in layers for _ in range(heads)], d.flatten().tolist(), 'dots'), ('mean', layers, d.mean(1).tolist(), 'line')],
-               'block', 'mean attention distance (px)', f'attention distance, {len(d)} blocks x {heads} heads')
+    d, heads = d.mean(0), d.shape[2]  # [depth, H], averaged over images
+    blocks = list(range(1, len(d) + 1))
+    report(args, 'attention_distance', ['block', *[f'head{h}' for h in range(heads)], 'mean'],
+           [[i, *v.tolist(), v.mean().item()] for i, v in zip(blocks, d)],
+           [('heads', [i for i in blocks for _ in range(heads)], d.flatten().tolist(), 'dots'), ('mean', blocks, d.mean(1).tolist(), 'line')],
+           'block', 'mean attention distance (px)', f'attention distance, {len(d)} blocks x {heads} heads')
 
 
 def cka_cmd(args):
     vit, f = analyse(args, block_features)
     values = [linear_cka(f[:, i], f[:, -1]) for i in range(f.shape[1])]
-    table(os.path.join(args.output_dir, 'cka.csv'), ['block', 'cka_with_last'], [[i + 1, v] for i, v in enumerate(values)])
-    plot_lines(os.path.join(args.output_dir, 'cka.png'), [('CKA with the last block', list(range(1, len(values) + 1)), values, 'line')],
-               'block', 'linear CKA', f'CKA with block {len(values)} ({len(f)} images)')
+    report(args, 'cka', ['block', 'cka_with_last'], [[i + 1, v] for i, v in enumerate(values)],
+           [('CKA with the last block', list(range(1, len(values) + 1)), values, 'line')],
+           'block', 'linear CKA', f'CKA with block {len(values)} ({len(f)} images)')
 
 
 def spectrum_cmd(args):
@@ -629,11 +543,9 @@ def spectrum_cmd(args):
     s = {i: spectrum(f[:, i - 1]) for i in layers}
     rank = {i: math.exp(-(v * v.clamp_min(1e-30).log()).sum().item()) for i, v in s.items()}  # exp(entropy)
     print(' | '.join(f"block {i}: effective rank {rank[i]:.1f}, top-1 share {s[i][0]:.3f}" for i in layers))
-    table(os.path.join(args.output_dir, 'spectrum.csv'), ['index', *[f'block{i}' for i in layers]],
-          [[j + 1, *[s[i][j].item() for i in layers]] for j in range(len(s[layers[0]]))], show=10)
-    plot_lines(os.path.join(args.output_dir, 'spectrum.png'),
-               [(f'block {i}', list(range(1, len(v) + 1)), v.clamp_min(1e-12).tolist(), 'line') for i, v in s.items()],
-               'singular value index', 'normalized singular value', f'feature covariance spectrum ({len(f)} images)', logy=True)
+    report(args, 'spectrum', ['index', *[f'block{i}' for i in layers]], [[j + 1, *[s[i][j].item() for i in layers]] for j in range(len(s[layers[0]]))],
+           [(f'block {i}', list(range(1, len(v) + 1)), v.clamp_min(1e-12).tolist(), 'line') for i, v in s.items()],
+           'singular value index', 'normalized singular value', f'feature covariance spectrum ({len(f)} images)', logy=True, show=10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,20 +581,15 @@ def reconstruct(args):
     if fn is None or len(classes) != 1:
         raise common.UsageError(f"{method}.py defines no reconstruct(model, img, mask_seed) (or no single model class): "
                                 "see the contract in evaluate.py's docstring")
-    margs = argparse.Namespace(**ckpt['args'])
-    model = classes[0](margs)
+    model = classes[0](argparse.Namespace(**ckpt['args']))
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     frozen = tuple(getattr(model, 'frozen_prefixes', ())) or ('\0',)
     if unexpected or [k for k in missing if not k.startswith(frozen)]:
         raise common.UsageError(f"{args.ckpt} does not match {method}.py's model (first: {(unexpected + missing)[0]})")
-    device = get_device(args)
-    model.args = margs
-    model.to(device).eval()
-    size = model.patch_embed.grid[0] * model.patch_size
-    args.batch_size = args.num_images
-    val = dataset(args, 'val', common.eval_transform(size))
+    device, model.args, args.batch_size = get_device(args), argparse.Namespace(**ckpt['args']), args.num_images
+    val = dataset(args, 'val', common.eval_transform(model.patch_embed.grid[0] * model.patch_size))
     img = common.to_device(next(iter(loader(val, args, shuffle=True))), device)['img']
-    mask, pred = fn(model, img, args.mask_seed)
+    mask, pred = fn(model.to(device).eval(), img, args.mask_seed)
     grid = reconstruction_grid(img, mask, pred.float(), model.patch_size)
     out = args.out or os.path.join(args.output_dir, 'reconstruct.png')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -696,19 +603,17 @@ def avg_dist(mask):
     each masked pixel to the nearest visible pixel. Exact, in two separable passes (squared distance
     = min over columns x' of (x - x')^2 + the squared distance to the nearest visible pixel in column x')."""
     H, W = mask.shape
-    visible = mask == 0
-    if not visible.any():
+    if not (mask == 0).any():
         return math.inf
     dy = (np.arange(H)[:, None] - np.arange(H)[None, :]).astype(np.float64) ** 2  # [H, H]
-    col = np.where(visible[None], dy[:, :, None], np.inf).min(1)  # [H, W]: nearest visible pixel in each column
+    col = np.where(mask[None] == 0, dy[:, :, None], np.inf).min(1)  # [H, W]: nearest visible pixel in each column
     dx = (np.arange(W)[:, None] - np.arange(W)[None, :]).astype(np.float64) ** 2  # [W, W]
     d2 = (col[:, None, :] + dx[None]).min(2)  # [H, W]: min over columns x' of (x - x')^2 + col[y, x']
     return float(np.sqrt(d2[mask > 0]).mean())
 
 
 def random_patch_mask(rng, grid, ratio):  # MAE's random masking: int(L * (1 - ratio)) patches kept
-    noise = torch.from_numpy(rng.random((1, grid * grid)))
-    return common.random_masking(noise, ratio)[1].reshape(grid, grid).numpy()
+    return common.random_masking(torch.from_numpy(rng.random((1, grid * grid))), ratio)[1].reshape(grid, grid).numpy()
 
 
 MASKS = [  # (method, mask, patch size, generator rng -> [G, G] patch mask, 1 = masked), 224 px images
@@ -766,8 +671,7 @@ def to_beit(sd):
         for beit, ours in common.BEIT_NAMES:
             k = k.replace(ours, beit)
         if k.endswith('.attn.qkv.bias'):
-            q, _, v_ = v.chunk(3)
-            out[k[:-8] + 'q_bias'], out[k[:-8] + 'v_bias'] = q, v_
+            out[k[:-8] + 'q_bias'], _, out[k[:-8] + 'v_bias'] = v.chunk(3)
         else:
             out[k] = v
     return out
@@ -775,18 +679,15 @@ def to_beit(sd):
 
 def export(args):
     vit = load_model(args)
-    kw = vit.encoder_kwargs
+    kw, build = vit.encoder_kwargs, timm_model(vit.encoder_kwargs)
     sd = {k: v.contiguous() for k, v in vit.state_dict().items()}  # encoder only: method parts were dropped
     sd = to_beit(sd) if kw['rel_pos_bias'] else sd
-    build = timm_model(kw)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint({'model': sd, 'encoder_kwargs': kw, 'timm': build}, args.out)
     print(f"wrote {args.out}: {len(sd)} tensors under 'model' in timm's {'Beit' if kw['rel_pos_bias'] else 'ViT'} layout, "
           f"and 'encoder_kwargs'. Here: common.VisionTransformer(**{kw})")
-    if build:
-        print(f"timm: model = {build}\n      model.load_state_dict(torch.load({args.out!r})['model'])")
-    else:
-        print("timm: no timm model has this architecture")
+    print(f"timm: model = {build}\n      model.load_state_dict(torch.load({args.out!r})['model'])" if build
+          else "timm: no timm model has this architecture")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -865,7 +766,7 @@ def plot_lines(path, series, xlabel, ylabel, title, logy=False):
 # ----------------------------------------------------------------------------------------------
 # Main
 
-COMMANDS = {'knn': knn, 'retrieval': retrieval, 'linear': linear, 'finetune': finetune, 'export': export,
+COMMANDS = {'knn': knn, 'retrieval': knn, 'linear': linear, 'finetune': finetune, 'export': export,
             'attention-distance': attention_distance_cmd, 'cka': cka_cmd, 'spectrum': spectrum_cmd,
             'reconstruct': reconstruct, 'avgdist': avgdist}
 

@@ -3,7 +3,9 @@ command line on tiny checkpoints (a 32 px ViT with 4 px patches, a few steps, CP
 import itertools
 import json
 import math
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -71,11 +73,21 @@ def test_layer_decay_groups_follow_mae():
     assert found[id(vit.patch_embed.proj.weight)]['lr_scale'] == pytest.approx(decay ** 5)
 
 
+def finetune_model(num_classes, *flags):
+    """evaluate.finetune's model on a tiny classifier, with its default (MAE) flags and `flags`."""
+    args = evaluate.get_args(['finetune', '--ckpt', 'x', '--data', 'synthetic', *flags])
+    vit = common.VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2, num_classes=num_classes,
+                                   global_pool='avg')
+    vit.mean_std = (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    return evaluate.Finetune(vit, args)
+
+
 def finetune_mix(seed, x, y, num_classes):
-    """evaluate.finetune's batch mixing with its default (MAE) flags."""
-    args = evaluate.get_args(['finetune', '--ckpt', 'x', '--data', 'synthetic'])
-    assert (args.mixup, args.cutmix, args.smoothing) == (0.8, 1.0, 0.1)
-    return evaluate.finetune_batch(np.random.default_rng(seed), x, y, num_classes, args)
+    """evaluate.finetune's batch mixing with its default (MAE) flags, its draws seeded as the loop does."""
+    model = finetune_model(num_classes)
+    assert (model.mixup, model.cutmix, model.smoothing) == (0.8, 1.0, 0.1)
+    torch.manual_seed(seed)
+    return model.mix(x, y)
 
 
 def test_mixup_cutmix_targets_match_measured_lambda():
@@ -103,9 +115,9 @@ def test_mixup_cutmix_targets_match_measured_lambda():
 
 
 def test_label_smoothing_loss_by_hand():
-    args = evaluate.get_args(['finetune', '--ckpt', 'x', '--data', 'synthetic', '--mixup', '0', '--cutmix', '0'])
+    model = finetune_model(3, '--mixup', '0', '--cutmix', '0')
     logits, y = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 1])
-    img, target = evaluate.finetune_batch(np.random.default_rng(0), torch.zeros(2, 3, 4, 4), y, 3, args)
+    img, target = model.mix(torch.zeros(2, 3, 4, 4), y)
     assert torch.equal(img, torch.zeros(2, 3, 4, 4))
     eps, want = 0.1, 0.0
     for row, label in zip(logits.tolist(), y.tolist()):
@@ -318,7 +330,8 @@ def test_finetune_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.get_args(['finetune', '-h'])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and '--layer-decay' in out and '--ckpt' in out and '--peak-tflops' not in out
+    assert e.value.code == 0 and '--layer-decay' in out and '--ckpt' in out and '--resume' in out and '--peak-tflops' in out
+    assert '--patch-size' not in out  # the checkpoint's
 
 
 def test_load_model_reads_openai_clip(tmp_path):
@@ -386,16 +399,46 @@ def test_linear_probe_on_cached_features(small_ckpt, capsys):
     assert '8 LARS steps' in out and 0 <= top1(out) <= 100
 
 
+def log_rows(out):
+    rows = [json.loads(line) for line in open(out / 'log.jsonl')]
+    return [r for r in rows if 'loss' in r], [r for r in rows if 'top1' in r]  # training steps, evaluations
+
+
 def test_finetune_improves(small_ckpt, tmp_path, capsys):
     evaluate.main(['finetune', '--ckpt', small_ckpt, *CPU, '--synthetic-size', '128', '--batch-size', '16', '--epochs', '4',
                    '--warmup-epochs', '1', '--blr', '0.2', '--mixup', '0', '--cutmix', '0', '--reprob', '0',
-                   '--output-dir', str(tmp_path)])
-    rows = [json.loads(line) for line in open(tmp_path / 'finetune_log.jsonl')]
-    assert [r['epoch'] for r in rows] == [1, 2, 3, 4]
+                   '--log-every', '4', '--peak-tflops', '1', '--output-dir', str(tmp_path)])
+    steps, rows = log_rows(tmp_path)  # through common.train: its log.jsonl, throughput and MFU
+    assert [r['step'] for r in steps] == list(range(4, 33, 4)) and all(r['img_s'] > 0 and 0 < r['mfu'] < 1 for r in steps)
+    assert [(r['epoch'], r['step']) for r in rows] == [(0, 8), (1, 16), (2, 24), (3, 32)]  # evaluated after each epoch
     assert max(r['top1'] for r in rows[1:]) >= rows[0]['top1'] + 10
-    assert rows[-1]['loss'] < rows[0]['loss']
+    assert steps[-1]['loss'] < steps[0]['loss']
     best = torch.load(tmp_path / 'finetune_best.pth', weights_only=True)
-    assert best['top1'] == max(r['top1'] for r in rows)
+    assert best['top1'] == max(r['top1'] for r in rows) == rows[-1]['best_top1']
+    assert f"best top-1 {best['top1']:.2f}%" in capsys.readouterr().out
     vit = common.VisionTransformer(**best['encoder_kwargs'])
     vit.load_state_dict(best['model'])  # a classifier with fc_norm and a 10-way head
     assert vit.head.out_features == 10 and best['encoder_kwargs']['global_pool'] == 'avg'
+
+
+@pytest.mark.parametrize('stop_after', [6, 8])  # mid-epoch; at an epoch's end (its evaluation runs before the save)
+def test_finetune_stopped_by_sigterm_resumes(small_ckpt, tmp_path, monkeypatch, stop_after):
+    argv = ['finetune', '--ckpt', small_ckpt, *CPU, '--synthetic-size', '64', '--batch-size', '16', '--epochs', '3',
+            '--warmup-epochs', '1', '--blr', '0.2', '--log-every', '2']  # 4 steps per epoch; mixup, cutmix, erasing, drop path
+    evaluate.main(argv + ['--output-dir', str(tmp_path / 'a')])
+    monkeypatch.setattr(evaluate.Finetune, 'after_step', lambda self, step, total: step + 1 == stop_after and
+                        os.kill(os.getpid(), signal.SIGTERM), raising=False)  # preempted after that step
+    with pytest.raises(common.Stopped):
+        evaluate.main(argv + ['--output-dir', str(tmp_path / 'b')])
+    assert common.read_checkpoint(str(tmp_path / 'b' / 'checkpoint.pth'))['step'] == stop_after
+    monkeypatch.delattr(evaluate.Finetune, 'after_step')
+    evaluate.main(argv + ['--output-dir', str(tmp_path / 'b'), '--resume'])
+    a, b = (common.read_checkpoint(str(tmp_path / d / 'checkpoint.pth')) for d in 'ab')
+    assert a['step'] == b['step'] == 12 and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert set(b['model']) >= {'blocks.0.attn.qkv.weight', 'head.weight', 'fc_norm.weight'} and 'encoder_kwargs' in b
+
+    def rows(d):  # log.jsonl without the timings: each step and evaluation once, as in the run never stopped
+        return [{k: v for k, v in r.items() if k not in ('ms_step', 'img_s')} for r in sum(log_rows(tmp_path / d), [])]
+    assert rows('a') == rows('b') and len(rows('b')) == 6 + 3
+    best = [common.read_checkpoint(str(tmp_path / d / 'finetune_best.pth')) for d in 'ab']
+    assert best[0]['top1'] == best[1]['top1'] and best[0]['epoch'] == best[1]['epoch']
