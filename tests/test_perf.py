@@ -78,7 +78,7 @@ def test_no_host_sync_outside_logging_steps(name, flags, monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = getattr(module, utils.MODEL_CLASS[name])(args)
     dataset = common.build_dataset(args, module.train_transform(args))
-    step, reads = [0], []
+    step, reads = [-1], []  # -1: the first batch moved is the FLOP count's (common.train_flops), before step 0
     to_device = common.to_device
 
     def counted_to_device(batch, device):
