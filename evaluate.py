@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import common
+import maskdistill
+import simmim
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -617,8 +619,8 @@ def random_patch_mask(rng, grid, ratio):  # MAE's random masking: int(L * (1 - r
 
 
 MASKS = [  # (method, mask, patch size, generator rng -> [G, G] patch mask, 1 = masked), 224 px images
-    ('simmim', '32 px units, 60%', 16, lambda rng: common.simmim_mask(rng, 224, 32, 16, 0.6)),
-    ('maskdistill', 'block-wise, 40%', 16, lambda rng: common.block_mask(rng, (14, 14), common.beit_num_masked((14, 14)))),
+    ('simmim', '32 px units, 60%', 16, lambda rng: simmim.simmim_mask(rng, 224, 32, 16, 0.6)),
+    ('maskdistill', 'block-wise, 40%', 16, lambda rng: maskdistill.block_mask(rng, (14, 14), maskdistill.beit_num_masked((14, 14)))),
     ('mae, deepmim, lut', 'random, 75%', 16, lambda rng: random_patch_mask(rng, 14, 0.75)),
     ('supmim', 'random, 20% (ViT-B/14)', 14, lambda rng: random_patch_mask(rng, 16, 0.2)),
 ]
