@@ -513,54 +513,6 @@ def random_masking(noise, mask_ratio):
     return ids_shuffle[:, :keep], (ids_restore >= keep).float(), ids_restore  # a patch's rank decides
 
 
-def simmim_mask(rng, input_size=224, mask_patch_size=32, model_patch_size=16, mask_ratio=0.6):
-    """SimMIM's random masking (Sec. 3.2): ceil(units * ratio) random mask units of mask_patch_size
-    pixels, each expanded to the model patches it covers. Returns [G, G] float32."""
-    if input_size % mask_patch_size or mask_patch_size % model_patch_size:
-        raise UsageError(f"--mask-patch-size {mask_patch_size} must divide --img-size {input_size} "
-                         f"and be a multiple of --patch-size {model_patch_size}")
-    units, scale = input_size // mask_patch_size, mask_patch_size // model_patch_size
-    mask = np.zeros(units * units, np.float32)
-    mask[rng.permutation(units * units)[:math.ceil(units * units * mask_ratio)]] = 1
-    return mask.reshape(units, units).repeat(scale, 0).repeat(scale, 1)  # [G, G]
-
-
-def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True):
-    """BEiT's MaskingGenerator (beit2/masking_generator.py) drawing from the numpy Generator `rng`:
-    rounds of up to 10 attempts to add a rectangle, until num_masked cells are masked or a round adds
-    nothing; with `exact` (BEiT v2) random cells are then masked to reach num_masked exactly. -> [h, w]"""
-    h, w = grid
-    mask = np.zeros(grid, np.float32)
-    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    count = 0
-    while count < num_masked:
-        room, added = num_masked - count, 0
-        for _ in range(10):
-            # Python's random.uniform(16, room): 16 + (room - 16) * U, so when room < 16 the area lies
-            # in [room, 16] and a rectangle may have fewer than min_patches cells (BEiT does not clamp)
-            area = min_patches + (room - min_patches) * rng.random()
-            aspect = math.exp(rng.uniform(*log_aspect))
-            rh, rw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if rw < w and rh < h:
-                top, left = rng.integers(0, h - rh + 1), rng.integers(0, w - rw + 1)  # randint(0, h - rh)
-                new = rh * rw - int(mask[top:top + rh, left:left + rw].sum())
-                if 0 < new <= room:  # cells it adds: at least one, never past the count
-                    mask[top:top + rh, left:left + rw] = 1
-                    added = new
-                    break
-        if added == 0:
-            break
-        count += added
-    if exact and count < num_masked:  # BEiT v2: mask random visible cells up to the exact count
-        flat = mask.reshape(-1)
-        flat[rng.choice(np.flatnonzero(flat == 0), num_masked - count, replace=False)] = 1
-    return mask
-
-
-def beit_num_masked(grid):  # BEiT's --num_mask_patches 75 of its 14 x 14 (not int(0.4 * 196) = 78), in proportion
-    return round(75 * grid[0] * grid[1] / 196)
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: image folders, a synthetic dataset, and transforms written with PIL / NumPy
 

@@ -47,10 +47,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import common
+import maskdistill
+import simmim
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
-
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
@@ -62,19 +63,19 @@ def get_args(argv=None):
     a('--format', choices=['auto', 'timm', 'clip'], default='auto',
       help='auto: a ViT checkpoint (ours/timm/DeiT/DINO/MAE/BEiT/SimMIM), else OpenAI CLIP')
     a('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
-    a('--num-heads', type=int, default=None,
-      help='attention heads, for a bare state dict whose width is not a standard size (default: from the width)')
-    paths.add_argument('--train', default=None, help='train class folders (default: DATA/train)')
-    paths.add_argument('--val', default=None, help='val class folders (default: DATA/val)')
+    a('--num-heads', type=int, help='attention heads, for a bare state dict whose width is not a standard size '
+      '(default: from the width)')
+    paths.add_argument('--train', help='train class folders (default: DATA/train)')
+    paths.add_argument('--val', help='val class folders (default: DATA/val)')
     data = argparse.ArgumentParser(add_help=False, parents=[paths])
     a = data.add_argument
-    a('--data', default=None, help="DIR holding train/ and val/ class folders, or 'synthetic'")
-    a('--img-size', type=int, default=None, help="default: the checkpoint's (pos_embed is resampled otherwise)")
+    a('--data', help="DIR holding train/ and val/ class folders, or 'synthetic'")
+    a('--img-size', type=int, help="default: the checkpoint's (pos_embed is resampled otherwise)")
     a('--batch-size', type=int, default=256, help='images per forward pass')
     a('--num-workers', type=int, default=common.default_workers())
     a('--synthetic-size', type=int, default=10000, help='--data synthetic: train images (val: a quarter, at least 100)')
     a('--seed', type=int, default=0)
-    a('--device', default=None, help='default: cuda if available, else cpu')
+    a('--device', help='default: cuda if available, else cpu')
     a('--output-dir', default='out/eval', help='where tables, plots and images go')
     pool.add_argument('--pool', choices=['cls', 'avg'], default='cls', help='image feature: cls token or mean patch token')
 
@@ -106,17 +107,16 @@ def get_args(argv=None):
                                          help='blocks to plot (default: four, the last included)')
     a = add('reconstruct', 'original / masked / reconstruction PNG grid (SimMIM Fig. 4)', [data])
     a('--ckpt', required=True, help='a pretraining checkpoint of a pixel method')
-    a('--method', default=None, help="script name (default: the checkpoint's, or simmim)")
+    a('--method', help="script name (default: the checkpoint's, or simmim)")
     a('--num-images', type=int, default=8)
     a('--mask-seed', type=int, default=0)
-    a('--out', default=None, help='PNG path (default: OUTPUT/reconstruct.png)')
+    a('--out', help='PNG path (default: OUTPUT/reconstruct.png)')
     a = add('avgdist', "SimMIM's AvgDist of each method's mask generator (Fig. 3)", [])
     a('--num-masks', type=int, default=200)
     a('--seed', type=int, default=0)
     a = add('export', 'plain encoder state dict under timm names', [enc])
     a('--out', required=True, help='output .pth file')
     a('--seed', type=int, default=0, help='for --random-init')
-
     a = add('finetune', 'end-to-end fine-tuning with the BEiT/MAE recipe', [common.get_parser(__doc__), enc, paths],
             batch_size=128,  # x 8 GPUs = 1024; the rest is MAE's ViT-B recipe (FINETUNE.md, REFERENCE.md)
             blr=5e-4, min_lr=1e-6, epochs=100, warmup_epochs=5, weight_decay=0.05, drop_path=0.1,
@@ -143,10 +143,9 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Encoders and features
 
-
 def load_model(args, **overrides):
-    """The encoder of --ckpt as a common.VisionTransformer, built with `overrides` (global_pool,
-    num_classes, ...) and --img-size. `vit.mean_std` is the input normalization it was trained with."""
+    """The --ckpt encoder, built with `overrides` (global_pool, num_classes, ...) and --img-size; `vit.mean_std`:
+    the input normalization it was trained with."""
     if not os.path.isfile(args.ckpt):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
     overrides.update(img_size=getattr(args, 'img_size', None),  # pos_embed is resampled to it
@@ -214,8 +213,7 @@ def loader(ds, args, shuffle=False):
 
 @torch.no_grad()
 def features(vit, img, pool, device):
-    """The image feature from the frozen encoder: the cls token, or the patch-token mean (through
-    fc_norm when the encoder pools that way)."""
+    """The image feature: the cls token, or the patch-token mean (through fc_norm if the encoder pools so)."""
     if pool == 'cls' and not vit.num_prefix:
         raise common.UsageError("this encoder has no cls token: use --pool avg")
     with autocast(device):
@@ -244,7 +242,6 @@ def topk_correct(scores, labels, ks=(1, 5)):
 # ----------------------------------------------------------------------------------------------
 # k-NN and retrieval
 
-
 def knn_classify(train_x, train_y, test_x, num_classes, k=20, T=0.07, chunk=1024):
     """DINO's weighted k-NN: each test feature's k most cosine-similar train features vote for their
     labels with weight exp(sim / T). Returns class scores [M, C]."""
@@ -264,20 +261,17 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
     return 100 * (index_y[nearest] == query_y).float().mean().item()
 
 
-def frozen_train_val(args):
+def knn(args):  # and retrieval
     device = get_device(args)
     vit = load_model(args).to(device).eval()
     train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
-    fn = lambda img: features(vit, img, args.pool, device)  # noqa: E731
-    return [outputs(fn, loader(ds, args), device) for ds in (train, val)] + [len(train.classes)]
-
-
-def knn(args):  # and retrieval
-    (xtr, ytr), (xva, yva), num_classes = frozen_train_val(args)
+    (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool, device), loader(ds, args), device)
+                              for ds in (train, val)]
     if args.command == 'retrieval':
         print(f"Recall@1 ({args.pool}): {recall_at_1(xtr, ytr, xva, yva):.2f}%  ({len(yva)} queries / {len(ytr)} index)")
         return
-    top1, top5 = (100 * topk_correct(knn_classify(xtr, ytr, xva, num_classes, args.k, args.temperature), yva) / len(yva)).tolist()
+    scores = knn_classify(xtr, ytr, xva, len(train.classes), args.k, args.temperature)  # [M, C]
+    top1, top5 = (100 * topk_correct(scores, yva) / len(yva)).tolist()
     print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
           f"({len(ytr)} train / {len(yva)} val)")
 
@@ -285,11 +279,9 @@ def knn(args):  # and retrieval
 # ----------------------------------------------------------------------------------------------
 # Linear probe (MAE, main_linprobe.py)
 
-
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al., 2017) as in MAE's linear probe: for weight matrices the update
-    u = g + wd * p is rescaled by the trust ratio eta * ||p|| / ||u|| (1 when either norm is 0);
-    biases and other 1-D parameters use u = g. Then heavy-ball momentum: mu = m * mu + u, p -= lr * mu."""
+    """LARS (You et al., 2017) as in MAE's linear probe: u = g + wd * p scaled by the trust ratio
+    eta * ||p|| / ||u|| for weight matrices (u = g for 1-D parameters), then heavy-ball momentum."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
@@ -305,15 +297,6 @@ class LARS(torch.optim.Optimizer):
                     u = u * torch.where((pn > 0) & (un > 0), g['trust_coefficient'] * pn / un, torch.ones_like(pn))
                 mu = self.state[p].setdefault('mu', torch.zeros_like(p))
                 p.add_(mu.mul_(g['momentum']).add_(u), alpha=-g['lr'])
-
-
-def linear_head(dim, num_classes):
-    """MAE: BatchNorm without affine (a per-feature standardization, which the probe needs as MIM
-    features are badly scaled) before a Linear initialized trunc_normal(std .01), bias 0."""
-    head = nn.Linear(dim, num_classes)
-    nn.init.trunc_normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head)
 
 
 def linear(args):
@@ -332,7 +315,10 @@ def linear(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     print(f"lr {args.lr:.3g} = blr {args.blr:g} x batch {eff_batch} / 256 | {total} LARS steps, {warmup} warmup")
-    head = linear_head(xva.shape[1], len(train.classes)).to(device).train()
+    head = nn.Linear(xva.shape[1], len(train.classes))
+    nn.init.trunc_normal_(head.weight, std=0.01)  # MAE: trunc_normal(.01), bias 0, after a BatchNorm without affine,
+    nn.init.zeros_(head.bias)  # a per-feature standardization that the badly scaled MIM features need
+    head = nn.Sequential(nn.BatchNorm1d(xva.shape[1], affine=False, eps=1e-6), head).to(device).train()
     opt = LARS(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for epoch in range(args.epochs):
@@ -362,13 +348,10 @@ def linear(args):
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning (BEiT / MAE, main_finetune.py)
 
-
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """MAE's param_groups_lrd: AdamW groups with lr_scale = layer_decay ** (num_layers - layer_id),
-    num_layers = depth + 1, layer_id 0 for the embeddings (and CLIP's norm_pre, as FT-CLIP), i + 1 for
-    blocks.i, num_layers for the rest (final norm, fc_norm, head, and, as in BEiT's code, the shared
-    relative position bias). No weight decay on 1-D parameters, cls_token, pos_embed and (BEiT) the
-    relative position bias table."""
+    """MAE's param_groups_lrd: lr_scale = layer_decay ** (depth + 1 - layer_id), layer_id 0 for the embeddings
+    (and CLIP's norm_pre, as FT-CLIP), i + 1 for blocks.i, depth + 1 for the rest (as BEiT's code: also the shared
+    relative position bias). No weight decay on 1-D parameters, cls_token, pos_embed, the bias table (BEiT)."""
     num_layers, groups = model.depth + 1, {}
     for name, p in model.named_parameters():
         embedding = name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.'))
@@ -381,8 +364,8 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def finetune_transform(args):
-    """timm's create_transform as MAE fine-tunes: RandomResizedCrop (scale .08-1, bicubic), flip,
-    RandAugment; normalize and RandomErasing on the device (the box drawn here), so that images travel as uint8."""
+    """timm's create_transform as MAE fine-tunes: RandomResizedCrop (.08-1, bicubic), flip, RandAugment;
+    normalize and RandomErasing on the device (the box drawn here): images travel as uint8."""
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
         img = common.rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
@@ -391,9 +374,8 @@ def finetune_transform(args):
 
 
 class Finetune(common.VisionTransformer):
-    """The encoder with its classifier in the training loop's protocol, `loss, logs = model(batch)`:
-    random erasing, mixup/cutmix and label smoothing on the device batch, then soft-target cross-entropy
-    (timm's Mixup and SoftTargetCrossEntropy, as MAE's main_finetune). Its state dict has timm's names."""
+    """The encoder and its classifier, `loss, logs = model(batch)`: random erasing, mixup/cutmix and label
+    smoothing on the device, then soft-target cross-entropy (timm's Mixup and SoftTargetCrossEntropy, as MAE)."""
 
     def __init__(self, vit, args):
         super().__init__(**vit.encoder_kwargs)
@@ -404,8 +386,7 @@ class Finetune(common.VisionTransformer):
 
     @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
     def mix(self, img, labels):
-        """Mixup/CutMix on the batch with label-smoothed soft targets [B, C]; with both alphas 0, the
-        smoothed one-hot labels: (1 - eps) on the class + eps / C everywhere."""
+        """Mixup/CutMix with label-smoothed soft targets [B, C] (alphas 0: the smoothed one-hot labels)."""
         rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
         return common.mixup_cutmix(rng, img, labels, self.head.out_features, self.mixup, self.cutmix, label_smoothing=self.smoothing)
 
@@ -453,12 +434,11 @@ def finetune(args):
 # ----------------------------------------------------------------------------------------------
 # Analyses: attention distance, CKA, spectrum
 
-
 def attention_distance(attn, grid, patch_size, num_prefix=1):
     """LUT Eq. 4 / ViT Fig. 7: for each query patch q, sum_k a_qk * ||c_q - c_k|| with c the patch
     centres in pixels, averaged over queries. attn [B, H, N, N] -> [B, H]. The cls row and column are
-    dropped and each row renormalized over the patches: the expected distance of the patches a query
-    attends to, whatever mass it puts on the cls token. (LUT's normalized coordinates: divide by img size.)"""
+    dropped and each row renormalized: the expected distance of the patches a query attends to, whatever
+    mass it puts on the cls token. (LUT's normalized coordinates: divide by img size.)"""
     a = attn[:, :, num_prefix:, num_prefix:].float()
     a = a / a.sum(-1, keepdim=True)  # [B, H, L, L]
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
@@ -474,9 +454,8 @@ def linear_cka(x, y):
 
 
 def spectrum(x):
-    """Singular values of the feature covariance of x [n, d], as fractions of their sum, descending;
-    the first min(n - 1, d), as the rank is at most that. LUT takes the n x n covariance; its nonzero
-    singular values are those of this d x d one."""
+    """Singular values of the feature covariance of x [n, d] as fractions of their sum, the first min(n - 1, d)
+    (its rank at most). LUT takes the n x n covariance: its nonzero singular values are this d x d one's."""
     x = x.double() - x.double().mean(0)
     s = torch.linalg.svdvals(x.T @ x / (len(x) - 1))[:len(x) - 1]
     return s / s.sum()
@@ -491,8 +470,7 @@ def block_attention_distances(vit, img):  # [B, depth, H]
 
 
 def block_features(vit, img):
-    """[B, depth, D]: the mean patch token of each block's output (before the final norm). Pooled
-    per image rather than all tokens flattened, so n = images and the features are the image's."""
+    """[B, depth, D]: the mean patch token of each block's output (before the final norm): n = images."""
     x, outs = vit.add_cls(vit.add_pos(vit.patch_embed(img))), []
     for blk in vit.blocks:
         outs.append(x := vit.run_blocks(x, [blk]))
@@ -500,7 +478,7 @@ def block_features(vit, img):
 
 
 def analyse(args, fn):
-    """fn(vit, img) over a seeded random subset of --num-images val images -> (vit, [N, ...] on the CPU)."""
+    """fn(vit, img) over a seeded random subset of --num-images val images -> [N, ...] on the CPU."""
     device = get_device(args)
     vit = load_model(args).to(device).eval()
     val = dataset(args, 'val', common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size))
@@ -508,7 +486,7 @@ def analyse(args, fn):
     with autocast(device):
         out = outputs(lambda img: fn(vit, prepare(vit, img)), batches, device)[0]
     os.makedirs(args.output_dir, exist_ok=True)
-    return vit, out[:args.num_images].cpu()
+    return out[:args.num_images].cpu()
 
 
 def report(args, name, header, rows, series, xlabel, ylabel, title, logy=False, show=None):
@@ -517,8 +495,8 @@ def report(args, name, header, rows, series, xlabel, ylabel, title, logy=False, 
 
 
 def attention_distance_cmd(args):
-    vit, d = analyse(args, block_attention_distances)
-    d, heads = d.mean(0), d.shape[2]  # [depth, H], averaged over images
+    d = analyse(args, block_attention_distances).mean(0)  # [depth, H], averaged over images
+    heads = d.shape[1]
     blocks = list(range(1, len(d) + 1))
     report(args, 'attention_distance', ['block', *[f'head{h}' for h in range(heads)], 'mean'],
            [[i, *v.tolist(), v.mean().item()] for i, v in zip(blocks, d)],
@@ -527,7 +505,7 @@ def attention_distance_cmd(args):
 
 
 def cka_cmd(args):
-    vit, f = analyse(args, block_features)
+    f = analyse(args, block_features)
     values = [linear_cka(f[:, i], f[:, -1]) for i in range(f.shape[1])]
     report(args, 'cka', ['block', 'cka_with_last'], [[i + 1, v] for i, v in enumerate(values)],
            [('CKA with the last block', list(range(1, len(values) + 1)), values, 'line')],
@@ -535,7 +513,7 @@ def cka_cmd(args):
 
 
 def spectrum_cmd(args):
-    vit, f = analyse(args, block_features)
+    f = analyse(args, block_features)
     depth = f.shape[1]
     layers = args.layers or sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
     if not all(1 <= i <= depth for i in layers):
@@ -550,7 +528,6 @@ def spectrum_cmd(args):
 
 # ----------------------------------------------------------------------------------------------
 # Reconstructions and AvgDist
-
 
 def reconstruction_grid(img, mask, pred, patch_size):
     """uint8 [B*H, 3*W, 3]: per image, original | masked patches grey | prediction in the masked
@@ -583,8 +560,7 @@ def reconstruct(args):
                                 "see the contract in evaluate.py's docstring")
     model = classes[0](argparse.Namespace(**ckpt['args']))
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
-    frozen = tuple(getattr(model, 'frozen_prefixes', ())) or ('\0',)
-    if unexpected or [k for k in missing if not k.startswith(frozen)]:
+    if unexpected or [k for k in missing if not k.startswith(tuple(getattr(model, 'frozen_prefixes', ())))]:
         raise common.UsageError(f"{args.ckpt} does not match {method}.py's model (first: {(unexpected + missing)[0]})")
     device, model.args, args.batch_size = get_device(args), argparse.Namespace(**ckpt['args']), args.num_images
     val = dataset(args, 'val', common.eval_transform(model.patch_embed.grid[0] * model.patch_size))
@@ -599,9 +575,8 @@ def reconstruct(args):
 
 
 def avg_dist(mask):
-    """SimMIM's AvgDist (Fig. 3) of a pixel mask [H, W] (1 = masked): the mean Euclidean distance from
-    each masked pixel to the nearest visible pixel. Exact, in two separable passes (squared distance
-    = min over columns x' of (x - x')^2 + the squared distance to the nearest visible pixel in column x')."""
+    """SimMIM's AvgDist (Fig. 3) of a pixel mask [H, W] (1 = masked): the mean Euclidean distance from each
+    masked pixel to the nearest visible one, exact in two separable passes (columns, then rows)."""
     H, W = mask.shape
     if not (mask == 0).any():
         return math.inf
@@ -617,8 +592,8 @@ def random_patch_mask(rng, grid, ratio):  # MAE's random masking: int(L * (1 - r
 
 
 MASKS = [  # (method, mask, patch size, generator rng -> [G, G] patch mask, 1 = masked), 224 px images
-    ('simmim', '32 px units, 60%', 16, lambda rng: common.simmim_mask(rng, 224, 32, 16, 0.6)),
-    ('maskdistill', 'block-wise, 40%', 16, lambda rng: common.block_mask(rng, (14, 14), common.beit_num_masked((14, 14)))),
+    ('simmim', '32 px units, 60%', 16, lambda rng: simmim.simmim_mask(rng, 224, 32, 16, 0.6)),
+    ('maskdistill', 'block-wise, 40%', 16, lambda rng: maskdistill.block_mask(rng, (14, 14), maskdistill.beit_num_masked((14, 14)))),
     ('mae, deepmim, lut', 'random, 75%', 16, lambda rng: random_patch_mask(rng, 14, 0.75)),
     ('supmim', 'random, 20% (ViT-B/14)', 14, lambda rng: random_patch_mask(rng, 16, 0.2)),
 ]
@@ -635,9 +610,8 @@ def avgdist(args):
 
 
 def timm_model(kw):
-    """The timm construction of the encoder with encoder_kwargs kw, as Python text: timm's Beit for a
-    relative position bias, else its VisionTransformer; timm.create_model where timm has a model of
-    this size under that name, the class otherwise. None if timm has no such model."""
+    """The timm construction of the encoder kw, as Python text: Beit with a relative position bias, else
+    VisionTransformer; timm.create_model where timm has the model by name. None if timm has no such model."""
     beit = bool(kw['rel_pos_bias'])
     if not kw['patch_bias'] and not kw['pre_norm'] or beit and (kw['pre_norm'] or not kw['class_token'] or kw['act'] != 'gelu'):
         return None
@@ -709,7 +683,7 @@ def table(path, header, rows, show=None):
         print(f"-> {path}")
 
 
-def font(size):
+def font(size=14):
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -720,45 +694,38 @@ def ticks(lo, hi, n):
     """Round-numbered ticks (steps 1, 2 or 5 x 10^k) inside [lo, hi], about n of them."""
     step = 10 ** math.floor(math.log10((hi - lo) / n))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+    return [round(k * step, 9) for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
 
 
 def plot_lines(path, series, xlabel, ylabel, title, logy=False):
-    """A PNG plot: series [(label, xs, ys, 'line' | 'dots')], axes with numbered ticks, axis labels,
-    a title and a legend; log10 y axis with logy (ys > 0)."""
-    W, H, (L, R, T, B) = 760, 480, (80, 190, 40, 60)
-    img, f = Image.new('RGB', (W, H), 'white'), font(14)
-    d = ImageDraw.Draw(img)
-    ty = (lambda v: math.log10(v)) if logy else (lambda v: v)
-    xs = [x for s in series for x in s[1]]
-    ys = [ty(y) for s in series for y in s[2]]
-    x0, x1 = min(xs), max(xs) + (max(xs) == min(xs))
-    y0, y1 = min(ys), max(ys)
-    y0, y1 = (math.floor(y0), math.ceil(y1) + (math.ceil(y1) == math.floor(y0))) if logy else \
-        (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
+    """A PNG plot of series [(label, xs, ys, 'line' | 'dots')] with a legend; a log10 y axis with logy."""
+    W, H, (L, R, T, B), f = 760, 480, (80, 190, 50, 60), font()
+    ty = math.log10 if logy else float
+    xs, ys = [x for s in series for x in s[1]], [ty(y) for s in series for y in s[2]]
+    x0, x1, pad = min(xs), max(xs) + (max(xs) == min(xs)), 0.05 * (max(ys) - min(ys) or 1)
+    y0, y1 = min(ys) - pad, max(ys) + pad
     px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
     py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
     for x in ticks(x0, x1, 8):
         d.line([(px(x), H - B), (px(x), H - B + 5)], fill='black')
-        d.text((px(x), H - B + 8), f"{round(x, 9):g}", fill='black', font=f, anchor='mt')
-    for y in (range(y0, y1 + 1, max(1, (y1 - y0) // 8)) if logy else ticks(y0, y1, 6)):
+        d.text((px(x), H - B + 8), f"{x:g}", fill='black', font=f, anchor='mt')
+    for y in ticks(y0, y1, 6):  # log axis: labelled 10^y
         d.line([(L, py(y)), (W - R, py(y))], fill=(230, 230, 230))
-        d.text((L - 8, py(y)), f"1e{y}" if logy else f"{round(y, 9):g}", fill='black', font=f, anchor='rm')
+        d.text((L - 8, py(y)), f"{10 ** y:.2g}" if logy else f"{y:g}", fill='black', font=f, anchor='rm')
     d.rectangle([L, T, W - R, H - B], outline='black')
     for i, (label, sx, sy, kind) in enumerate(series):
-        color, pts = PALETTE[i % len(PALETTE)], [(px(x), py(ty(y))) for x, y in zip(sx, sy)]
+        color, pts, ly = PALETTE[i % len(PALETTE)], [(px(x), py(ty(y))) for x, y in zip(sx, sy)], T + 10 + 22 * i
         if kind == 'line' and len(pts) > 1:
             d.line(pts, fill=color, width=2)
         for x, y in pts if kind == 'dots' or len(pts) < 30 else []:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly = T + 10 + 22 * i  # legend
-        d.line([(W - R + 15, ly), (W - R + 40, ly)], fill=color, width=3)
+        d.line([(W - R + 15, ly), (W - R + 40, ly)], fill=color, width=3)  # legend
         d.text((W - R + 48, ly), label, fill='black', font=f, anchor='lm')
-    d.text(((L + W - R) / 2, T / 2), title, fill='black', font=font(16), anchor='mm')
+    d.text(((L + W - R) / 2, 16), title, fill='black', font=font(16), anchor='mm')
+    d.text((8, T - 10), ylabel, fill='black', font=f, anchor='ls')
     d.text(((L + W - R) / 2, H - 18), xlabel, fill='black', font=f, anchor='mm')
-    text = Image.new('RGB', (H - T - B, 24), 'white')
-    ImageDraw.Draw(text).text((text.width / 2, 12), ylabel, fill='black', font=f, anchor='mm')
-    img.paste(text.rotate(90, expand=True), (8, T))
     img.save(path)
     print(f"-> {path}")
 

@@ -23,6 +23,7 @@ and 53.8 mIoU on ADE20k (Tab. 2; 84.9% without relative position bias); 800 epoc
 The CPU run distills the SimMIM encoder into a fresh student: the loss falls from about 0.5 to well below it.
 """
 import argparse
+import math
 import os
 
 import numpy as np
@@ -80,7 +81,7 @@ def get_args(argv=None):
 
 def num_masked(args, grid):
     """Patches masked per image: BEiT v2's 75 of 196 (scaled to the grid), or int(ratio * L)."""
-    return common.beit_num_masked(grid) if args.mask_ratio is None else int(args.mask_ratio * grid[0] * grid[1])
+    return beit_num_masked(grid) if args.mask_ratio is None else int(args.mask_ratio * grid[0] * grid[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +206,42 @@ def forward_loss(pred, target, mask, beta=1.0):
 # Main
 
 
+def block_mask(rng, grid, num_masked, min_patches=16, min_aspect=0.3, exact=True):
+    """BEiT's MaskingGenerator (beit2/masking_generator.py) drawing from the numpy Generator `rng`:
+    rounds of up to 10 attempts to add a rectangle, until num_masked cells are masked or a round adds
+    nothing; with `exact` (BEiT v2) random cells are then masked to reach num_masked exactly. -> [h, w]"""
+    h, w = grid
+    mask = np.zeros(grid, np.float32)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    count = 0
+    while count < num_masked:
+        room, added = num_masked - count, 0
+        for _ in range(10):
+            # Python's random.uniform(16, room): 16 + (room - 16) * U, so when room < 16 the area lies
+            # in [room, 16] and a rectangle may have fewer than min_patches cells (BEiT does not clamp)
+            area = min_patches + (room - min_patches) * rng.random()
+            aspect = math.exp(rng.uniform(*log_aspect))
+            rh, rw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if rw < w and rh < h:
+                top, left = rng.integers(0, h - rh + 1), rng.integers(0, w - rw + 1)  # randint(0, h - rh)
+                new = rh * rw - int(mask[top:top + rh, left:left + rw].sum())
+                if 0 < new <= room:  # cells it adds: at least one, never past the count
+                    mask[top:top + rh, left:left + rw] = 1
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    if exact and count < num_masked:  # BEiT v2: mask random visible cells up to the exact count
+        flat = mask.reshape(-1)
+        flat[rng.choice(np.flatnonzero(flat == 0), num_masked - count, replace=False)] = 1
+    return mask
+
+
+def beit_num_masked(grid):  # BEiT's --num_mask_patches 75 of its 14 x 14 (not int(0.4 * 196) = 78), in proportion
+    return round(75 * grid[0] * grid[1] / 196)
+
+
 def train_transform(args):
     """RandomResizedCrop + flip + colour jitter 0.4 (Tab. 11; BEiT jitters before the crop, we after
     it, on fewer pixels: its parameters are drawn here and applied on the device, in forward), and
@@ -215,7 +252,7 @@ def train_transform(args):
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
         jitter = common.jitter_params(rng, args.color_jitter, args.color_jitter, args.color_jitter, 0.0)  # no hue (BEiT)
-        mask = common.block_mask(rng, grid, count)  # [h, w], 1 = masked
+        mask = block_mask(rng, grid, count)  # [h, w], 1 = masked
         return {'img': common.to_tensor(img), 'jitter': torch.from_numpy(jitter), 'mask': torch.from_numpy(mask)}
     return transform
 

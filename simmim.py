@@ -14,6 +14,7 @@ falls from about 0.66 to 0.59; its k-NN accuracy on the synthetic data (`python 
 out/quick/checkpoint.pth --data synthetic`) is about a random encoder's (71% vs 72%): it checks the pipeline.
 """
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def reconstruct(model, img, mask_seed=0):
     img: [B, 3, H, W] ImageNet-normalized. Returns mask [B, L] (1 = masked) and the predicted image
     [B, 3, H, W] in the same normalized space, every patch predicted. Call model.eval() first."""
     rng = np.random.default_rng(mask_seed)
-    mask = np.stack([common.simmim_mask(rng, img.shape[-1], model.mask_patch_size, model.patch_size, model.mask_ratio)
+    mask = np.stack([simmim_mask(rng, img.shape[-1], model.mask_patch_size, model.patch_size, model.mask_ratio)
                      for _ in range(len(img))])  # [B, G, G]
     mask = torch.from_numpy(mask).flatten(1).to(img.device)  # [B, L]
     pred = model.predict(img, mask)  # [B, L, p*p*3]
@@ -132,11 +133,23 @@ def reconstruct(model, img, mask_seed=0):
 # Main
 
 
+def simmim_mask(rng, input_size=224, mask_patch_size=32, model_patch_size=16, mask_ratio=0.6):
+    """SimMIM's random masking (Sec. 3.2): ceil(units * ratio) random mask units of mask_patch_size
+    pixels, each expanded to the model patches it covers. Returns [G, G] float32."""
+    if input_size % mask_patch_size or mask_patch_size % model_patch_size:
+        raise common.UsageError(f"--mask-patch-size {mask_patch_size} must divide --img-size {input_size} "
+                                f"and be a multiple of --patch-size {model_patch_size}")
+    units, scale = input_size // mask_patch_size, mask_patch_size // model_patch_size
+    mask = np.zeros(units * units, np.float32)
+    mask[rng.permutation(units * units)[:math.ceil(units * units * mask_ratio)]] = 1
+    return mask.reshape(units, units).repeat(scale, 0).repeat(scale, 1)  # [G, G]
+
+
 def train_transform(args):
     """RandomResizedCrop (scale 0.67-1, ratio 3/4-4/3) + flip, and a SimMIM mask per image."""
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size, tuple(args.crop_scale)))
-        mask = common.simmim_mask(rng, args.img_size, args.mask_patch_size, args.patch_size, args.mask_ratio)
+        mask = simmim_mask(rng, args.img_size, args.mask_patch_size, args.patch_size, args.mask_ratio)
         return {'img': common.to_tensor(img), 'mask': torch.from_numpy(mask)}
     return transform
 

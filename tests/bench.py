@@ -302,9 +302,12 @@ def make_photos(folder, n=64):
 def torchvision_transforms():
     """Each method's training transform written with torchvision, as the reference code does (float
     ToTensor + Normalize on the CPU, crop then resize), with the same crop scales, bicubic resizing and
-    mask generators (common's NumPy ones; torchvision has none), so only the image path differs."""
+    mask generators (the scripts' NumPy ones; torchvision has none), so only the image path differs."""
     import torchvision.transforms as T
     from PIL import ImageFilter
+
+    from maskdistill import beit_num_masked, block_mask
+    from simmim import simmim_mask
     bicubic, rng = T.InterpolationMode.BICUBIC, np.random.default_rng(0)
     tensor = T.Compose([T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
@@ -321,9 +324,9 @@ def torchvision_transforms():
     randaug = T.Compose([T.RandomApply([T.RandAugment(1, 30, interpolation=bicubic, fill=[128] * 3)], p=0.5)] * 2)
     supmim = T.Compose([rrc_flip((0.05, 1.0)), randaug])
     return {
-        'simmim': lambda im: {'img': tensor(simmim(im)), 'mask': torch.from_numpy(common.simmim_mask(rng))},
+        'simmim': lambda im: {'img': tensor(simmim(im)), 'mask': torch.from_numpy(simmim_mask(rng))},
         'maskdistill': lambda im: {'img': tensor(jitter(maskdistill(im))),
-                                   'mask': torch.from_numpy(common.block_mask(rng, (14, 14), common.beit_num_masked((14, 14))))},
+                                   'mask': torch.from_numpy(block_mask(rng, (14, 14), beit_num_masked((14, 14))))},
         'deepmim': lambda im: {'img': tensor(deepmim(im))},
         'lut': lambda im: {'img': tensor(src(im)), 'img2': tensor(view2(src(im)))},
         'supmim': lambda im: {'img': tensor(supmim(im))},

@@ -195,20 +195,6 @@ def test_random_masking_counts_and_restore():
     assert torch.equal(ids_keep, torch.argsort(noise, 1)[:, :49])  # the smallest noise is kept
 
 
-def test_simmim_mask_units_cover_whole_patches():
-    rng = np.random.default_rng(0)
-    for size, mps, p, r in [(224, 32, 16, 0.6), (192, 32, 4, 0.6), (32, 8, 4, 0.5)]:
-        m = common.simmim_mask(rng, size, mps, p, r)
-        g, s, units = size // p, mps // p, (size // mps) ** 2
-        assert m.shape == (g, g)
-        blocks = m.reshape(g // s, s, g // s, s)
-        assert (blocks.min((1, 3)) == blocks.max((1, 3))).all()  # each unit all masked or all visible
-        assert blocks[:, 0, :, 0].sum() == math.ceil(units * r)
-    assert common.simmim_mask(rng).sum() == 30 * 4  # 224: ceil(49 * 0.6) = 30 units of 2 x 2 patches
-    with pytest.raises(common.UsageError):
-        common.simmim_mask(rng, 224, 24, 16, 0.6)
-
-
 # ---- data -----------------------------------------------------------------------------------
 
 def test_rrc_box_in_bounds():

@@ -483,7 +483,7 @@ def test_simmim_loss_matches_transformers():
     w = sd['head_pred.weight'].reshape(8, 8, 3, 96).permute(2, 0, 1, 3).reshape(192, 96, 1, 1)
     b = sd['head_pred.bias'].reshape(8, 8, 3).permute(2, 0, 1).reshape(192)
     hf.load_state_dict({**to_hf(sd, 4), 'vit.embeddings.mask_token': sd['mask_token'], 'decoder.0.weight': w, 'decoder.0.bias': b})
-    mask = torch.from_numpy(common.simmim_mask(np.random.default_rng(0), 32, 16, 8, 0.6)).flatten()[None].repeat(2, 1)
+    mask = torch.from_numpy(simmim.simmim_mask(np.random.default_rng(0), 32, 16, 8, 0.6)).flatten()[None].repeat(2, 1)
     with torch.no_grad():
         loss, _ = ours({'img': X, 'mask': mask})
         out = hf(pixel_values=X, bool_masked_pos=mask.bool())

@@ -13,14 +13,14 @@ import maskdistill
 from utils import TINY, run
 
 # ----------------------------------------------------------------------------------------------
-# Block-wise masking (common.block_mask, BEiT; its algorithm and statistics: test_recipes.py)
+# Block-wise masking (maskdistill.block_mask, BEiT; its algorithm and statistics: test_recipes.py)
 
 
 def test_block_mask_ratio_zero_and_small_grids():
-    assert common.block_mask(np.random.default_rng(0), (14, 14), 0).sum() == 0
+    assert maskdistill.block_mask(np.random.default_rng(0), (14, 14), 0).sum() == 0
     for grid, n in [((4, 4), 6), ((3, 5), 6), ((3, 5), 15), ((8, 8), 25)]:
         for seed in range(20):
-            m = common.block_mask(np.random.default_rng(seed), grid, n)
+            m = maskdistill.block_mask(np.random.default_rng(seed), grid, n)
             assert m.shape == grid and m.sum() == n
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import maskdistill
 import simmim
 from utils import ROOT, TINY
 
@@ -176,20 +177,19 @@ class PythonRandom:
 @pytest.mark.parametrize('grid, n, v2', [((14, 14), 75, True), ((14, 14), 75, False), ((14, 14), 118, True),
                                          ((8, 8), 24, True), ((7, 10), 40, True)])
 def test_block_mask_is_beits_algorithm(grid, n, v2):
-    """Fed the same random draws, common.block_mask gives BEiT's masks cell for cell, including the
+    """Fed the same random draws, maskdistill.block_mask gives BEiT's masks cell for cell, including the
     rounds where fewer than 16 cells are left and BEiT's U(16, room) draws a smaller area."""
     for seed in range(150):
         want = beit_masking_generator(random.Random(seed), np.random.RandomState(seed), grid, n, v2=v2)
-        got = common.block_mask(PythonRandom(seed), grid, n, exact=v2)
+        got = maskdistill.block_mask(PythonRandom(seed), grid, n, exact=v2)
         np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=f"seed {seed}")
 
 
 def test_block_mask_count_is_beits():
-    assert common.beit_num_masked((14, 14)) == 75 and common.beit_num_masked((8, 8)) == 24  # round(75 * 64 / 196)
+    assert maskdistill.beit_num_masked((14, 14)) == 75 and maskdistill.beit_num_masked((8, 8)) == 24  # round(75 * 64 / 196)
     for seed in range(300):
-        m = common.block_mask(np.random.default_rng(seed), (14, 14), 75)
+        m = maskdistill.block_mask(np.random.default_rng(seed), (14, 14), 75)
         assert m.shape == (14, 14) and m.dtype == np.float32 and m.sum() == 75 and set(np.unique(m)) <= {0.0, 1.0}
-    import maskdistill
     from PIL import Image
     out = maskdistill.train_transform(maskdistill.get_args(['--data', 'synthetic']))(np.random.default_rng(0), Image.new('RGB', (300, 200)))
     assert out['mask'].sum() == 75 and out['mask'].shape == (14, 14)
@@ -232,7 +232,7 @@ BEIT_STATS = {True: ((0.29, 0.49), (1.68, 1.91)), False: ((0.02, 0.07), (1.37, 1
 
 @pytest.mark.parametrize('v2', [True, False])
 def test_block_mask_statistics_within_beits(v2):
-    counts = np.array([pieces(common.block_mask(np.random.default_rng(s), (14, 14), 75, exact=v2)) for s in range(1000)])
+    counts = np.array([pieces(maskdistill.block_mask(np.random.default_rng(s), (14, 14), 75, exact=v2)) for s in range(1000)])
     (lo_s, hi_s), (lo_p, hi_p) = BEIT_STATS[v2]
     assert lo_s <= counts[:, 1].mean() <= hi_s and lo_p <= counts[:, 0].mean() <= hi_p, counts.mean(0)
 
@@ -252,7 +252,7 @@ def test_block_mask_rectangle_size_and_aspect():
     assert min(h * w for h, w in allowed) == 12 and max(max(hw) for hw in allowed) == 7
     firsts = []
     for seed in range(300):
-        m = common.block_mask(np.random.default_rng(seed), (14, 14), 16, exact=False)
+        m = maskdistill.block_mask(np.random.default_rng(seed), (14, 14), 16, exact=False)
         if m.any():  # else all ten attempts drew a rectangle of more than 16 cells
             firsts.append([hw for hw in allowed if contains_rectangle(m, *hw)])
             assert firsts[-1] and m.sum() <= 16, seed
@@ -325,5 +325,4 @@ def test_simmim_no_weight_decay_set_as_released():
         assert no_decay_names(model) == plain | extra
         assert 'mask_token' not in plain | extra and any('gamma' in n for n in plain)
     assert 'rel_pos_bias.relative_position_bias_table' not in no_decay_names(simmim.SimMIM(simmim.get_args(TINY + ['--mask-patch-size', '8'])))
-    import maskdistill
     assert set(maskdistill.MaskDistill.no_weight_decay) == {'cls_token', 'pos_embed'}  # BEiT v2's set

@@ -1,7 +1,9 @@
-"""simmim.py: the loss against the paper's pixel-space formula, the model's layout, and the CLI."""
+"""simmim.py: the mask units, the loss against the paper's pixel-space formula, the model's layout, and the CLI."""
 import json
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,20 @@ def test_loss_equals_pixel_space_formula():
     torch.testing.assert_close(got, want)
     rec2 = torch.where(m.bool(), rec, torch.randn_like(rec))  # change only the visible pixels
     torch.testing.assert_close(simmim.forward_loss(common.patchify(rec2, p), common.patchify(img, p), mask), want)
+
+
+def test_simmim_mask_units_cover_whole_patches():
+    rng = np.random.default_rng(0)
+    for size, mps, p, r in [(224, 32, 16, 0.6), (192, 32, 4, 0.6), (32, 8, 4, 0.5)]:
+        m = simmim.simmim_mask(rng, size, mps, p, r)
+        g, s, units = size // p, mps // p, (size // mps) ** 2
+        assert m.shape == (g, g)
+        blocks = m.reshape(g // s, s, g // s, s)
+        assert (blocks.min((1, 3)) == blocks.max((1, 3))).all()  # each unit all masked or all visible
+        assert blocks[:, 0, :, 0].sum() == math.ceil(units * r)
+    assert simmim.simmim_mask(rng).sum() == 30 * 4  # 224: ceil(49 * 0.6) = 30 units of 2 x 2 patches
+    with pytest.raises(common.UsageError):
+        simmim.simmim_mask(rng, 224, 24, 16, 0.6)
 
 
 def test_state_dict_is_timm_encoder_plus_method_parts():
