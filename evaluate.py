@@ -88,6 +88,9 @@ def get_args(argv=None):
     a('--k', type=int, default=20, help='neighbours (DINO)')
     a('--temperature', type=float, default=0.07, help='votes weighted exp(sim / T) (DINO)')
     add('retrieval', 'Recall@1, val queries against the train index (SupMIM Tab. 4)', [enc, data, pool])
+    for name in ('knn', 'retrieval'):
+        sub.choices[name].add_argument('--baseline', action='store_true',
+                                       help='then the same with random weights (--seed), and the difference')
     a = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool],
             batch_size=512)  # MAE: 512 per GPU x 32 GPUs (--accum-iter 32) = 16384
     a('--accum-iter', type=int, default=32, help='micro-batches per LARS step (MAE: 32 GPUs)')
@@ -261,19 +264,24 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
     return 100 * (index_y[nearest] == query_y).float().mean().item()
 
 
-def knn(args):  # and retrieval
-    device = get_device(args)
-    vit = load_model(args).to(device).eval()
-    train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
-    (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool, device), loader(ds, args), device)
-                              for ds in (train, val)]
-    if args.command == 'retrieval':
-        print(f"Recall@1 ({args.pool}): {recall_at_1(xtr, ytr, xva, yva):.2f}%  ({len(yva)} queries / {len(ytr)} index)")
-        return
-    scores = knn_classify(xtr, ytr, xva, len(train.classes), args.k, args.temperature)  # [M, C]
-    top1, top5 = (100 * topk_correct(scores, yva) / len(yva)).tolist()
-    print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
-          f"({len(ytr)} train / {len(yva)} val)")
+def knn(args):  # and retrieval; --baseline: then the same on the architecture with random weights
+    device, results = get_device(args), []
+    for random_init in (False, True) if args.baseline else (args.random_init,):
+        vit = load_model(argparse.Namespace(**dict(vars(args), random_init=random_init))).to(device).eval()
+        train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
+        (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool, device), loader(ds, args), device)
+                                  for ds in (train, val)]
+        if args.command == 'retrieval':
+            results.append(recall_at_1(xtr, ytr, xva, yva))
+            print(f"Recall@1 ({args.pool}): {results[-1]:.2f}%  ({len(yva)} queries / {len(ytr)} index)")
+            continue
+        scores = knn_classify(xtr, ytr, xva, len(train.classes), args.k, args.temperature)  # [M, C]
+        top1, top5 = (100 * topk_correct(scores, yva) / len(yva)).tolist()
+        results.append(top1)
+        print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+              f"({len(ytr)} train / {len(yva)} val)")
+    if args.baseline:
+        print(f"checkpoint {results[0]:.2f}% vs random init {results[1]:.2f}%: {results[0] - results[1]:+.2f} points")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ step, the peak memory of each script's defaults, and the speed of each method's 
   python tests/bench.py --memory-only                        # peak memory per GPU at the defaults, counted on the CPU
   python tests/bench.py --data-only --workers 1              # images/s per core on ~500x375 JPEG photos, cores per GPU
 
-Step table: ms/step, img/s, MFU (each method's `flops_per_image()`: encoder, decoders and frozen
-teachers counted), peak memory (CUDA), and process CPU time per training FLOP next to timm's, N
+Step table: ms/step, img/s, MFU (FLOPs per image of one training step as common.train counts them:
+common.train_flops, encoder, decoders and frozen teachers), peak memory (CUDA), and process CPU time per training FLOP next to timm's, N
 steps after warm-up on a fixed batch made by the method's own training transform, already on the
 device. Decoders, heads and teachers are the paper's sizes (random weights), or the tests' tiny
 ones with --parts tiny (the default for vit_pico). The timm row (when timm is importable; it is
@@ -31,6 +31,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode  # the extension point FlopCounterMode is built on
@@ -118,6 +119,15 @@ def default_batch(name, tmp):
     return importlib.import_module(name).get_args(['--data', 'synthetic'] + method_flags(name, VIT_B, tmp, {})).batch_size
 
 
+class Supervised(nn.Module):  # timm's classifier under common.train's protocol, for its FLOP count
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch):
+        return F.cross_entropy(self.net(batch['img']), batch['label']), {}
+
+
 def bench_steps(args, device):
     """The step table: timm's supervised ViT first (the reference for CPU time per FLOP), then each
     method; a method that runs out of device memory gets an OOM row."""
@@ -136,8 +146,8 @@ def bench_steps(args, device):
         x = torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8)
         batch = {'img': common.normalize(x.to(device)), 'label': torch.randint(0, 1000, (n,), device=device)}
         sec, cpu, mem = time_steps(model, batch, args, device, lambda m, b: F.cross_entropy(m(b['img']), b['label']))
-        ours = common.VisionTransformer(args.img_size, args.patch_size, width, depth, heads, num_classes=1000)
-        peer = row(f'timm {timm.__version__}', n, sec, cpu, 3 * (ours.flops() + 2 * width * 1000), args, mem)
+        flops = common.train_flops(Supervised(model), {k: v[:2] for k, v in batch.items()})
+        peer = row(f'timm {timm.__version__}', n, sec, cpu, flops, args, mem)
         del model, batch
     except ImportError:
         print("timm           (not installed: no peer row)")
@@ -147,8 +157,10 @@ def bench_steps(args, device):
         utils.METHOD_FLAGS[name] = lambda t, a, name=name: method_flags(name, args, t, a) + ['--device', device.type]
         model, batch = utils.method_setup(name, args.model, args.img_size, args.patch_size, n, tmp)
         try:
-            sec, cpu, mem = time_steps(model, common.to_device(batch, device), args, device)
-            row(name, n, sec, cpu, model.flops_per_image(), args, mem, peer)
+            batch = common.to_device(batch, device)
+            flops = common.train_flops(model, {k: v[:2] for k, v in batch.items()})
+            sec, cpu, mem = time_steps(model, batch, args, device)
+            row(name, n, sec, cpu, flops, args, mem, peer)
         except torch.OutOfMemoryError:
             print(f"{name:<14} {n:5d} OOM", flush=True)
         del model, batch
@@ -377,7 +389,7 @@ def bench_data(args):
     """Each method's training transform, from JPEG file to the collated uint8 batch, next to the
     same pipeline written with torchvision (when importable), and the CPU cores per GPU it takes
     to feed an H100 at the method's target MFU (989 TFLOP/s dense bf16; FLOPs per image of the
-    method at its ViT-B defaults, `flops_per_image()`)."""
+    method at its ViT-B defaults, common.train_flops)."""
     try:
         folder = make_photos(tempfile.mkdtemp())
     except ImportError:
@@ -396,14 +408,14 @@ def bench_data(args):
           f"{'GFLOP/img':>9} {'H100 img/s':>10} {'cores/GPU':>9}")
     threads = torch.get_num_threads()
     for name in args.methods:
-        module = importlib.import_module(name)
         ours = common.ImageFolder(folder, utils.method_setup(name, 'vit_pico', 224, 16, 0, tmp, transform_only=True))
         pipelines = [ours, TorchvisionFolder(ours.samples, tv[name])] if name in tv else [ours]
         core, ref = (per_core(pipelines, n) + [float('nan')])[:2]
         torch.set_num_threads(threads)
         wall = with_workers(ours, args.workers, n) if args.workers else float('nan')
-        margs = module.get_args(['--data', 'synthetic', '--device', 'cpu', '--output-dir', tmp] + method_flags(name, VIT_B, tmp, {}))
-        flops = getattr(module, utils.MODEL_CLASS[name])(margs).flops_per_image()
+        utils.METHOD_FLAGS[name] = lambda t, a, name=name: method_flags(name, VIT_B, t, a)
+        model, batch = utils.method_setup(name, 'vit_base', 224, 16, 2, tmp)  # the script's parts at ViT-B
+        flops = common.train_flops(model, common.to_device(batch, torch.device('cpu')))
         need = TARGET_MFU[name] * 989e12 / flops  # images per second an H100 trains on at the target MFU
         print(f"{name:<12} {core:10.0f} {ref:11.0f} {core / ref:5.2f}x {wall:20.0f} {flops / 1e9:9.1f} {need:10.0f} "
               f"{need / core:9.1f}", flush=True)

@@ -359,10 +359,17 @@ def test_load_model_reads_openai_clip(tmp_path):
     torch.testing.assert_close(evaluate.prepare(vit, common.normalize(u8)), common.normalize(u8, common.CLIP_MEAN, common.CLIP_STD))
 
 
-def test_quick_start_knn(simmim_ckpt):
-    r = run('evaluate.py', 'knn', '--ckpt', simmim_ckpt, *CPU, '--synthetic-size', '64', '--batch-size', '64')
+def test_quick_start_knn_with_its_baseline(simmim_ckpt):
+    """The README's quick start: the checkpoint's k-NN, then the random-init baseline's, and the gain."""
+    flags = [*CPU, '--synthetic-size', '64', '--batch-size', '64']
+    r = run('evaluate.py', 'knn', '--ckpt', simmim_ckpt, *flags, '--baseline')
     assert r.returncode == 0, r.stderr
-    assert 0 <= top1(r.stdout) <= 100 and 'top-5' in r.stdout
+    ours, rand = map(float, re.findall(r'top-1 (\d+\.\d+)%', r.stdout))
+    alone = [top1(run('evaluate.py', 'knn', '--ckpt', simmim_ckpt, *flags, *extra).stdout) for extra in ([], ['--random-init'])]
+    assert [ours, rand] == alone  # each line is what the command gives on its own
+    assert r.stdout.count('(random init)') == 1
+    assert re.search(r'checkpoint (\S+)% vs random init (\S+)%: ([+-]\S+) points', r.stdout).groups() == (
+        f'{ours:.2f}', f'{rand:.2f}', f'{ours - rand:+.2f}')
 
 
 def test_export_is_a_timm_encoder_with_its_architecture(simmim_ckpt, tmp_path):
