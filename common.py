@@ -1118,6 +1118,11 @@ class StopVote:
         work.synchronize() if isinstance(work, torch.cuda.Event) else work.wait()
         return flag.item() > 0
 
+    def close(self):  # every rank, at the same step: no all-reduce left in flight when the process group ends
+        for work, _ in self.pending:
+            work.synchronize() if isinstance(work, torch.cuda.Event) else work.wait()
+        self.pending.clear()
+
 
 def to_device(batch, device):
     """Host batch -> device; uint8 images become ImageNet-normalized float32 there."""
@@ -1338,11 +1343,13 @@ def train(args, model, dataset, groups=None, evaluate=None):
             if stop or end and ((epoch + 1) % args.save_every == 0 or step == total_steps):
                 save(step // steps_per_epoch)
             if stop:
+                stop_vote.close()
                 raise Stopped(f"stopped by signal at step {step}; {ckpt_path} saved: rerun with --resume to continue")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     bar.close()
+    stop_vote.close()
     if world > 1:  # DDP must leave every rank with the same parameters: check it once, at the end
         lo, hi = (torch.cat([p.detach().flatten() for p in model.parameters()]) for _ in range(2))
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)

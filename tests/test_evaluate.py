@@ -27,7 +27,7 @@ def top1(text):
 
 @pytest.fixture(scope='module')
 def simmim_ckpt(tmp_path_factory):
-    """The quick start's command on the tiny flags, as a user runs it."""
+    """A SimMIM checkpoint from the tiny flags, written as a user's run writes it."""
     out = tmp_path_factory.mktemp('simmim')
     # the paper's plain ViT (no layer scale, absolute position embedding): an encoder timm's vit_* loads
     r = run('simmim.py', *TINY, '--mask-patch-size', '8', '--layer-scale', '0', '--no-rel-pos-bias', '--output-dir', out)
