@@ -15,7 +15,6 @@ frozen encoder in eval mode, at the checkpoint's resolution unless --img-size sa
   python evaluate.py cka --ckpt CKPT --data /imagenet                        each block vs the last (DeepMIM Fig. 4)
   python evaluate.py spectrum --ckpt CKPT --data /imagenet                   of features per block (LUT Sec. 6.2.3)
   python evaluate.py reconstruct --ckpt out/simmim/checkpoint.pth --data /imagenet   PNG (SimMIM Fig. 4)
-  python evaluate.py avgdist                                                 of each method's masks (SimMIM Fig. 3)
   python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth   the encoder under timm's names
       ('model'; timm's Beit layout with a relative position bias) and its architecture ('encoder_kwargs')
 The protocols print top-1/top-5 % (Recall@1 %); the analyses write CSV tables and PNG plots to --output-dir.
@@ -47,8 +46,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import common
-import maskdistill
-import simmim
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -114,9 +111,6 @@ def get_args(argv=None):
     a('--num-images', type=int, default=8)
     a('--mask-seed', type=int, default=0)
     a('--out', help='PNG path (default: OUTPUT/reconstruct.png)')
-    a = add('avgdist', "SimMIM's AvgDist of each method's mask generator (Fig. 3)", [])
-    a('--num-masks', type=int, default=200)
-    a('--seed', type=int, default=0)
     a = add('export', 'plain encoder state dict under timm names', [enc])
     a('--out', required=True, help='output .pth file')
     a('--seed', type=int, default=0, help='for --random-init')
@@ -265,10 +259,11 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
 
 
 def knn(args):  # and retrieval; --baseline: then the same on the architecture with random weights
-    device, results = get_device(args), []
+    device, results, train = get_device(args), [], None
     for random_init in (False, True) if args.baseline else (args.random_init,):
         vit = load_model(argparse.Namespace(**dict(vars(args), random_init=random_init))).to(device).eval()
-        train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
+        if train is None:  # the same images for the baseline
+            train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
         (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool, device), loader(ds, args), device)
                                   for ds in (train, val)]
         if args.command == 'retrieval':
@@ -535,7 +530,7 @@ def spectrum_cmd(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reconstructions and AvgDist
+# Reconstructions
 
 def reconstruction_grid(img, mask, pred, patch_size):
     """uint8 [B*H, 3*W, 3]: per image, original | masked patches grey | prediction in the masked
@@ -580,41 +575,6 @@ def reconstruct(args):
     Image.fromarray(grid).save(out)
     print(f"{method}: {len(img)} images x (original | masked {mask.float().mean().item():.0%} | reconstruction) -> {out} "
           f"({grid.shape[1]}x{grid.shape[0]} px)")
-
-
-def avg_dist(mask):
-    """SimMIM's AvgDist (Fig. 3) of a pixel mask [H, W] (1 = masked): the mean Euclidean distance from each
-    masked pixel to the nearest visible one, exact in two separable passes (columns, then rows)."""
-    H, W = mask.shape
-    if not (mask == 0).any():
-        return math.inf
-    dy = (np.arange(H)[:, None] - np.arange(H)[None, :]).astype(np.float64) ** 2  # [H, H]
-    col = np.where(mask[None] == 0, dy[:, :, None], np.inf).min(1)  # [H, W]: nearest visible pixel in each column
-    dx = (np.arange(W)[:, None] - np.arange(W)[None, :]).astype(np.float64) ** 2  # [W, W]
-    d2 = (col[:, None, :] + dx[None]).min(2)  # [H, W]: min over columns x' of (x - x')^2 + col[y, x']
-    return float(np.sqrt(d2[mask > 0]).mean())
-
-
-def random_patch_mask(rng, grid, ratio):  # MAE's random masking: int(L * (1 - ratio)) patches kept
-    return common.random_masking(torch.from_numpy(rng.random((1, grid * grid))), ratio)[1].reshape(grid, grid).numpy()
-
-
-MASKS = [  # (method, mask, patch size, generator rng -> [G, G] patch mask, 1 = masked), 224 px images
-    ('simmim', '32 px units, 60%', 16, lambda rng: simmim.simmim_mask(rng, 224, 32, 16, 0.6)),
-    ('maskdistill', 'block-wise, 40%', 16, lambda rng: maskdistill.block_mask(rng, (14, 14), maskdistill.beit_num_masked((14, 14)))),
-    ('mae, deepmim, lut', 'random, 75%', 16, lambda rng: random_patch_mask(rng, 14, 0.75)),
-    ('supmim', 'random, 20% (ViT-B/14)', 14, lambda rng: random_patch_mask(rng, 16, 0.2)),
-]
-
-
-def avgdist(args):
-    rows = []
-    for method, desc, p, gen in MASKS:
-        rng = np.random.default_rng(args.seed)
-        masks = [gen(rng).repeat(p, 0).repeat(p, 1) for _ in range(args.num_masks)]  # [224, 224] pixel masks
-        d = np.array([avg_dist(m) for m in masks])
-        rows.append([method, desc, f"{100 * np.mean(masks):.1f}%", f"{d.mean():.2f} +- {d.std():.2f}"])
-    table(None, ['method', 'mask', 'masked', f'AvgDist px ({args.num_masks} masks)'], rows)
 
 
 def timm_model(kw):
@@ -743,7 +703,7 @@ def plot_lines(path, series, xlabel, ylabel, title, logy=False):
 
 COMMANDS = {'knn': knn, 'retrieval': knn, 'linear': linear, 'finetune': finetune, 'export': export,
             'attention-distance': attention_distance_cmd, 'cka': cka_cmd, 'spectrum': spectrum_cmd,
-            'reconstruct': reconstruct, 'avgdist': avgdist}
+            'reconstruct': reconstruct}
 
 
 def main(argv=None):

@@ -203,7 +203,7 @@ def test_lars_step_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------
-# Analyses: attention distance, CKA, spectrum, AvgDist
+# Analyses: attention distance, CKA, spectrum
 
 
 def brute_attention_distance(a, grid, p):
@@ -266,25 +266,6 @@ def test_spectrum_of_known_covariance():
     assert len(few) == 4 and few.min() > 1e-6 and few.sum().item() == pytest.approx(1.0)
 
 
-def brute_avg_dist(mask):
-    H, W = mask.shape
-    vis = [(y, x) for y in range(H) for x in range(W) if not mask[y, x]]
-    d = [min(math.hypot(y - v, x - u) for v, u in vis) for y in range(H) for x in range(W) if mask[y, x]]
-    return sum(d) / len(d)
-
-
-def test_avg_dist():
-    m = np.zeros((5, 5), np.float32)
-    m[1:4, 1:4] = 1  # a 3 x 3 hole: 8 pixels at distance 1, the centre at 2
-    assert evaluate.avg_dist(m) == pytest.approx(10 / 9)
-    rng = np.random.default_rng(0)
-    for shape, p in [((9, 13), 0.5), ((16, 7), 0.9), ((12, 12), 0.2)]:
-        m = (rng.random(shape) < p).astype(np.float32)
-        assert evaluate.avg_dist(m) == pytest.approx(brute_avg_dist(m))
-    m = np.ones((6, 6), np.float32)
-    assert evaluate.avg_dist(m) == math.inf  # nothing visible
-
-
 # ----------------------------------------------------------------------------------------------
 # Reconstructions
 
@@ -319,7 +300,7 @@ def test_reconstruct_writes_png(simmim_ckpt, tmp_path):
     ['knn', '--ckpt', 'c', '--data', 'synthetic'], ['retrieval', '--ckpt', 'c', '--pool', 'avg'],
     ['linear', '--ckpt', 'c', '--cache-features'], ['finetune', '--ckpt', 'c', '--train', 'a', '--val', 'b'],
     ['attention-distance', '--ckpt', 'c'], ['cka', '--ckpt', 'c'], ['spectrum', '--ckpt', 'c', '--layers', '1', '4'],
-    ['reconstruct', '--ckpt', 'c'], ['avgdist'], ['export', '--ckpt', 'c', '--out', 'o', '--random-init'],
+    ['reconstruct', '--ckpt', 'c'], ['export', '--ckpt', 'c', '--out', 'o', '--random-init'],
 ])
 def test_every_command_parses(argv):
     args = evaluate.get_args(argv)
