@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.flop_counter as flop_counter
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
@@ -174,11 +175,6 @@ class Attention(nn.Module):
         q, k, v, bias = self.qkv_bias(x, bias)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).flatten(2))
-
-    def maps(self, x, bias=None):  # the attention probabilities [B, H, N, N] that forward uses, for analysis
-        q, k, _, bias = self.qkv_bias(x, bias)
-        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
-        return (attn if bias is None else attn + bias).softmax(-1)
 
 
 class LayerScale(nn.Module):
@@ -690,10 +686,6 @@ def renormalize(x, mean, std):
 # whole batch with static shapes. Each op is PIL's formula, computed in float on [0, 1] pixels:
 # ImageEnhance blends, convert('L') luma, the HSV round trip.
 
-BICUBIC = Image.Resampling.BICUBIC
-GRAY = (128, 128, 128)  # fill for pixels uncovered by geometric ops
-
-
 def jitter_params(rng, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
     """torchvision ColorJitter's draws: factors ~ U[1-s, 1+s], hue shift ~ U[-h, h], then a random
     order of the ops that are on (they do not commute: the order adds diversity). Returns float32 [8]:
@@ -754,79 +746,7 @@ def color_jitter(x, params, hue=True):
     return x
 
 
-# RandAugment, timm 'rand-m9-mstd0.5-inc1' (MAE / BEiT fine-tuning)
-
-def _affine(img, coeffs):  # PIL maps output -> input coords; fixed bicubic, gray fill (timm randomizes these)
-    return img.transform(img.size, Image.Transform.AFFINE, coeffs, BICUBIC, fillcolor=GRAY)
-
-
-def _enhance(cls):  # timm '_enhance_increasing': factor 1 +- 0.9*m/10, floored at 0.1 so it never degenerates
-    return lambda im, m, s: cls(im).enhance(max(0.1, 1 + s * 0.9 * m / 10))
-
-
-def _solarize_add(im, m, s):  # timm: brighten only the dark half (< 128) by up to 110
-    return im.point([min(255, i + int(m / 10 * 110)) if i < 128 else i for i in range(256)] * len(im.getbands()))
-
-
-def _posterize(im, bits):  # own table: Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
-    return im.point([i & ~(2 ** (8 - bits) - 1) for i in range(256)] * len(im.getbands()))
-
-
-# name -> f(img, magnitude in [0, 10], sign in {-1, +1}); "Increasing" = larger m is stronger
-RA_OPS = {
-    'AutoContrast': lambda im, m, s: ImageOps.autocontrast(im),
-    'Equalize': lambda im, m, s: ImageOps.equalize(im),
-    'Invert': lambda im, m, s: ImageOps.invert(im),
-    'Rotate': lambda im, m, s: im.rotate(s * 30 * m / 10, BICUBIC, fillcolor=GRAY),
-    'PosterizeIncreasing': lambda im, m, s: _posterize(im, 4 - int(m / 10 * 4)),
-    'SolarizeIncreasing': lambda im, m, s: ImageOps.solarize(im, 256 - int(m / 10 * 256)),
-    'SolarizeAdd': _solarize_add,
-    'ColorIncreasing': _enhance(ImageEnhance.Color),
-    'ContrastIncreasing': _enhance(ImageEnhance.Contrast),
-    'BrightnessIncreasing': _enhance(ImageEnhance.Brightness),
-    'SharpnessIncreasing': _enhance(ImageEnhance.Sharpness),
-    'ShearX': lambda im, m, s: _affine(im, (1, s * 0.3 * m / 10, 0, 0, 1, 0)),
-    'ShearY': lambda im, m, s: _affine(im, (1, 0, 0, s * 0.3 * m / 10, 1, 0)),
-    'TranslateXRel': lambda im, m, s: _affine(im, (1, 0, s * 0.45 * m / 10 * im.size[0], 0, 1, 0)),
-    'TranslateYRel': lambda im, m, s: _affine(im, (1, 0, 0, 0, 1, s * 0.45 * m / 10 * im.size[1])),
-}
-
-
-def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):
-    """timm RandAugment: num_ops ops (with replacement), each applied w.p. 0.5, m ~ N(9, 0.5)."""
-    for i in rng.integers(len(RA_OPS), size=num_ops):
-        if rng.random() >= 0.5:  # timm's per-op prob 0.5 ('p' default)
-            continue
-        m = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) if mstd > 0 else magnitude
-        sign = 1 if rng.random() < 0.5 else -1  # timm '_randomly_negate'
-        img = list(RA_OPS.values())[i](img, m, sign)
-    return img
-
-
-# Tensor-level augmentations (fine-tuning, SupMIM)
-
-def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
-    """timm RandomErasing's box (MAE fine-tune: reprob 0.25, mode 'pixel', one box) in an image of `size`
-    (H, W): int64 [4] (top, left, h, w), zeros if not erased. `erase` fills it on the device (uint8 travels)."""
-    H, W = size
-    if rng.random() < p:
-        log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
-        for _ in range(10):
-            area = rng.uniform(*scale) * H * W
-            r = math.exp(rng.uniform(*log_r))
-            h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
-            if h < H and w < W:
-                return np.array([rng.integers(H - h + 1), rng.integers(W - w + 1), h, w], np.int64)
-    return np.zeros(4, np.int64)
-
-
-def erase(x, box):
-    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized x [B, C, H, W]."""
-    rows, cols = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
-    top, left, h, w = (v[:, None] for v in box.unbind(1))  # [B, 1] each
-    inside = ((rows >= top) & (rows < top + h))[:, None, :, None] & ((cols >= left) & (cols < left + w))[:, None, None, :]
-    return torch.where(inside, torch.randn_like(x), x)  # [B, C, H, W]
-
+# Mixup / CutMix (fine-tuning and SupMIM)
 
 def mixup_cutmix(rng, x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
                  label_smoothing=0.1):
@@ -850,10 +770,6 @@ def mixup_cutmix(rng, x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, swit
     off = label_smoothing / num_classes
     t = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
     return x, t * lam + t.flip(0) * (1 - lam)
-
-
-def soft_target_cross_entropy(logits, target):  # averaged over the batch
-    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def eval_transform(size):
@@ -1151,28 +1067,14 @@ def device_batches(batches, device):
         yield nxt
 
 
-def _sdpa_cpu(q, k, v, *args, out_val=None, **kwargs):  # PyTorch counts the CUDA attention kernels only
-    return flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape)
-
-
-def _sdpa_cpu_backward(grad_out, q, k, v, *args, out_val=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
-
-
-_sdpa_cpu._get_raw = _sdpa_cpu_backward._get_raw = True  # called with the tensors, not their shapes
-
-
 def train_flops(model, batch, autocast=nullcontext()):
     """FLOPs per image of one training step (forward and backward; frozen teachers forward only), for
     MFU as nanoGPT and PaLM (App. B) count it: matmuls, convolutions and attention, a multiply-add
-    being 2. Counted by torch.utils.flop_counter on `batch`, leaving weights, buffers and gradients
-    as they were. For ViT-B/16 at 224 px the forward is 35.1 GFLOPs per image: per block and token
-    8 D^2 (qkv, proj) + 16 D^2 (MLP) + 4 N D (attention), on N = 197 tokens."""
-    aten = torch.ops.aten
-    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-                aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+    being 2, no recomputation. Counted by torch.utils.flop_counter on `batch` with attention as plain
+    matmuls, leaving weights, buffers and gradients as they were. For ViT-B/16 at 224 px the forward is
+    35.1 GFLOPs per image: per block and token 8 D^2 (qkv, proj) + 16 D^2 (MLP) + 4 N D (attention)."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, autocast:
+    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), autocast:
         loss, _ = model(batch)
         loss.backward()
     model.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 import common
 
@@ -366,13 +366,92 @@ def layer_decay_groups(model, weight_decay, layer_decay):
     return list(groups.values())
 
 
+# timm's RandAugment 'rand-m9-mstd0.5-inc1' and RandomErasing, as MAE and BEiT fine-tune
+
+BICUBIC, GRAY = Image.Resampling.BICUBIC, (128, 128, 128)  # GRAY: fill for pixels uncovered by geometric ops
+
+
+def _affine(img, coeffs):  # PIL maps output -> input coords; fixed bicubic, gray fill (timm randomizes these)
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs, BICUBIC, fillcolor=GRAY)
+
+
+def _enhance(cls):  # timm '_enhance_increasing': factor 1 +- 0.9*m/10, floored at 0.1 so it never degenerates
+    return lambda im, m, s: cls(im).enhance(max(0.1, 1 + s * 0.9 * m / 10))
+
+
+def _solarize_add(im, m, s):  # timm: brighten only the dark half (< 128) by up to 110
+    return im.point([min(255, i + int(m / 10 * 110)) if i < 128 else i for i in range(256)] * len(im.getbands()))
+
+
+def _posterize(im, bits):  # own table: Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
+    return im.point([i & ~(2 ** (8 - bits) - 1) for i in range(256)] * len(im.getbands()))
+
+
+# name -> f(img, magnitude in [0, 10], sign in {-1, +1}); "Increasing" = larger m is stronger
+RA_OPS = {
+    'AutoContrast': lambda im, m, s: ImageOps.autocontrast(im),
+    'Equalize': lambda im, m, s: ImageOps.equalize(im),
+    'Invert': lambda im, m, s: ImageOps.invert(im),
+    'Rotate': lambda im, m, s: im.rotate(s * 30 * m / 10, BICUBIC, fillcolor=GRAY),
+    'PosterizeIncreasing': lambda im, m, s: _posterize(im, 4 - int(m / 10 * 4)),
+    'SolarizeIncreasing': lambda im, m, s: ImageOps.solarize(im, 256 - int(m / 10 * 256)),
+    'SolarizeAdd': _solarize_add,
+    'ColorIncreasing': _enhance(ImageEnhance.Color),
+    'ContrastIncreasing': _enhance(ImageEnhance.Contrast),
+    'BrightnessIncreasing': _enhance(ImageEnhance.Brightness),
+    'SharpnessIncreasing': _enhance(ImageEnhance.Sharpness),
+    'ShearX': lambda im, m, s: _affine(im, (1, s * 0.3 * m / 10, 0, 0, 1, 0)),
+    'ShearY': lambda im, m, s: _affine(im, (1, 0, 0, s * 0.3 * m / 10, 1, 0)),
+    'TranslateXRel': lambda im, m, s: _affine(im, (1, 0, s * 0.45 * m / 10 * im.size[0], 0, 1, 0)),
+    'TranslateYRel': lambda im, m, s: _affine(im, (1, 0, 0, 0, 1, s * 0.45 * m / 10 * im.size[1])),
+}
+
+
+def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):
+    """timm RandAugment: num_ops ops (with replacement), each applied w.p. 0.5, m ~ N(9, 0.5)."""
+    for i in rng.integers(len(RA_OPS), size=num_ops):
+        if rng.random() >= 0.5:  # timm's per-op prob 0.5 ('p' default)
+            continue
+        m = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) if mstd > 0 else magnitude
+        sign = 1 if rng.random() < 0.5 else -1  # timm '_randomly_negate'
+        img = list(RA_OPS.values())[i](img, m, sign)
+    return img
+
+
+def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
+    """timm RandomErasing's box (MAE fine-tune: reprob 0.25, mode 'pixel', one box) in an image of `size`
+    (H, W): int64 [4] (top, left, h, w), zeros if not erased. `erase` fills it on the device (uint8 travels)."""
+    H, W = size
+    if rng.random() < p:
+        log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
+        for _ in range(10):
+            area = rng.uniform(*scale) * H * W
+            r = math.exp(rng.uniform(*log_r))
+            h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+            if h < H and w < W:
+                return np.array([rng.integers(H - h + 1), rng.integers(W - w + 1), h, w], np.int64)
+    return np.zeros(4, np.int64)
+
+
+def erase(x, box):
+    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized x [B, C, H, W]."""
+    rows, cols = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
+    top, left, h, w = (v[:, None] for v in box.unbind(1))  # [B, 1] each
+    inside = ((rows >= top) & (rows < top + h))[:, None, :, None] & ((cols >= left) & (cols < left + w))[:, None, None, :]
+    return torch.where(inside, torch.randn_like(x), x)  # [B, C, H, W]
+
+
+def soft_target_cross_entropy(logits, target):  # averaged over the batch
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
 def finetune_transform(args):
     """timm's create_transform as MAE fine-tunes: RandomResizedCrop (.08-1, bicubic), flip, RandAugment;
     normalize and RandomErasing on the device (the box drawn here): images travel as uint8."""
     def transform(rng, img):
         img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
-        img = common.rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
-        return {'img': common.to_tensor(img), 'erase': common.erasing_box(rng, (args.img_size,) * 2, args.reprob)}
+        img = rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
+        return {'img': common.to_tensor(img), 'erase': erasing_box(rng, (args.img_size,) * 2, args.reprob)}
     return transform
 
 
@@ -397,9 +476,9 @@ class Finetune(common.VisionTransformer):
         return super().forward(prepare(self, img))
 
     def forward(self, batch):
-        img = common.erase(batch['img'], batch['erase'])  # erasing noise is N(0, 1) in ImageNet's normalization
+        img = erase(batch['img'], batch['erase'])  # erasing noise is N(0, 1) in ImageNet's normalization
         img, target = self.mix(img, batch['label'])
-        return common.soft_target_cross_entropy(self.logits(img), target), {}
+        return soft_target_cross_entropy(self.logits(img), target), {}
 
 
 def finetune(args):
@@ -464,10 +543,16 @@ def spectrum(x):
     return s / s.sum()
 
 
+def attention_maps(attn, x, bias=None):  # the probabilities [B, H, N, N] that common.Attention's forward uses
+    q, k, _, bias = attn.qkv_bias(x, bias)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+    return (scores if bias is None else scores + bias).softmax(-1)
+
+
 def block_attention_distances(vit, img):  # [B, depth, H]
     x, bias, attns = vit.add_cls(vit.add_pos(vit.patch_embed(img))), vit.attn_bias(), []
     for blk in vit.blocks:
-        attns.append(blk.attn.maps(blk.norm1(x), bias))
+        attns.append(attention_maps(blk.attn, blk.norm1(x), bias))
         x = blk(x, bias)
     return torch.stack([attention_distance(a, vit.patch_embed.grid, vit.patch_size, vit.num_prefix) for a in attns], 1)
 

@@ -335,7 +335,7 @@ def load_vqgan(path):  # the frozen tokenizer from a Lightning last.ckpt (no Lig
 
 # ----------------------------------------------------------------------------------------------
 # big_vision's RandAugment (pp/archive/autoaugment.py, forked from the TF EfficientNet code), on PIL
-# images. Unlike timm's (common.rand_augment): 16 ops with Cutout and SolarizeAdd, the chosen op is
+# images. Unlike timm's (evaluate.rand_augment): 16 ops with Cutout and SolarizeAdd, the chosen op is
 # always applied, fixed magnitude, and TF's level mappings, under which posterize and solarize weaken
 # with the magnitude (m=15: 6 bits kept, solarize threshold 384 = no-op).
 
@@ -399,7 +399,7 @@ def randaugment(rng, img, num_layers=2, magnitude=15):  # distort_image_with_ran
 
 def train_transform(args):
     """AugReg (big_vision's vit_i1k.py, 'medium2' for B/16 and L/16): inception crop, flip, big_vision's
-    RandAugment (randaugment above; timm's, common.rand_augment, is the fine-tuning one)."""
+    RandAugment (randaugment above; timm's, evaluate.rand_augment, is the fine-tuning one)."""
     ops, magnitude = int(args.randaug[0]), args.randaug[1]
 
     def transform(rng, img):

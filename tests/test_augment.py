@@ -14,8 +14,8 @@ except ImportError:
 needs_torchvision = pytest.mark.skipif(TF is None, reason='torchvision (requirements-test.txt) is the reference')
 from PIL import ImageFilter
 
-from common import (RA_OPS, color_jitter, erase, erasing_box, jitter_params, luma, mixup_cutmix, rand_augment,
-                    renormalize_unit, shift_hue, soft_target_cross_entropy, to_tensor, unnormalize)
+from common import color_jitter, jitter_params, luma, mixup_cutmix, renormalize_unit, shift_hue, to_tensor, unnormalize
+from evaluate import RA_OPS, erase, erasing_box, rand_augment, soft_target_cross_entropy
 from lut import gaussian_blur, solarize, view2, view2_params
 
 

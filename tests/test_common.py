@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import evaluate
 
 D, DEPTH, HEADS, P, IMG = 96, 2, 3, 8, 32  # a small ViT: 4 x 4 = 16 patches
 
@@ -134,7 +135,7 @@ def test_forward_parts_match_manual_computation():
         torch.testing.assert_close(x := vit.run_blocks(x, [blk]), want)
     # (d) explicit attention maps: rows sum to one, and weighting the values by them is the block's attention
     y = vit.blocks[0].norm1(vit.add_cls(vit.add_pos(vit.patch_embed(img))))
-    attn = vit.blocks[0].attn.maps(y)
+    attn = evaluate.attention_maps(vit.blocks[0].attn, y)
     assert attn.shape == (2, HEADS, 17, 17)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, HEADS, 17))
     v = vit.blocks[0].attn.qkv(y)[..., 2 * D:].reshape(2, 17, HEADS, D // HEADS).transpose(1, 2)
@@ -172,8 +173,8 @@ def test_train_flops_is_the_vit_formula():
     counted = common.train_flops(Classifier(vit), {'img': torch.randn(3, 3, IMG, IMG)})
     fwd = vit_forward_flops(17, 16, D, DEPTH, 4, P, 10)
     # backward = 2 x forward (input and weight gradients), except that the image needs no gradient
-    # (the patch convolution's backward is 1x) and the fused attention backward recomputes the scores
-    want = 3 * fwd - 2 * 16 * 3 * P * P * D + DEPTH * 2 * 17 * 17 * D
+    # (the patch convolution's backward is 1x)
+    want = 3 * fwd - 2 * 16 * 3 * P * P * D
     assert counted == want
     assert all(p.grad is None for p in vit.parameters())  # counting leaves no gradients behind
 

@@ -124,7 +124,7 @@ def test_label_smoothing_loss_by_hand():
         lse = math.log(sum(math.exp(v) for v in row))
         t = [(1 - eps) * (c == label) + eps / 3 for c in range(3)]
         want += -sum(tc * (v - lse) for tc, v in zip(t, row)) / 2
-    assert common.soft_target_cross_entropy(logits, target).item() == pytest.approx(want, rel=1e-6)
+    assert evaluate.soft_target_cross_entropy(logits, target).item() == pytest.approx(want, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

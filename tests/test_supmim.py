@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import evaluate
 import supmim
 from supmim import AttnBlock, Downsample, VectorQuantizer, VQGANTokenizer, load_vqgan
 from utils import TINY, run
@@ -419,7 +420,7 @@ def test_randaugment_at_m15_rarely_blackens_or_skips():
     imgs = [photo(i) for i in range(40)]
     stats = {}
     for name, fn in (('bv', lambda rng, im: supmim.randaugment(rng, im, 2, 15)),
-                     ('timm', lambda rng, im: common.rand_augment(rng, im, 2, 15, 0.0))):
+                     ('timm', lambda rng, im: evaluate.rand_augment(rng, im, 2, 15, 0.0))):
         outs = [(np.asarray(fn(np.random.default_rng(i), imgs[i % 40])), np.asarray(imgs[i % 40])) for i in range(800)]
         stats[name] = (np.mean([o.max() == 0 for o, _ in outs]), np.mean([np.array_equal(o, a) for o, a in outs]))
     assert stats['bv'][0] == 0 and stats['bv'][1] < 0.04, stats
