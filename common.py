@@ -489,12 +489,8 @@ def load_clip_visual(path):
     out['cls_token'] = out.pop('class_embedding').reshape(1, 1, -1)
     out['pos_embed'] = out.pop('positional_embedding').unsqueeze(0)
     proj = out.pop('proj')
-    width, _, p, _ = out['patch_embed.proj.weight'].shape
-    depth = 1 + max(int(k.split('.')[1]) for k in out if k.startswith('blocks.'))
-    vit = VisionTransformer(img_size=math.isqrt(out['pos_embed'].shape[1] - 1) * p, patch_size=p, embed_dim=width,
-                            depth=depth, num_heads=width // 64, pre_norm=True, act='quick_gelu', norm_eps=1e-5,
-                            patch_bias=False)
-    return load_encoder(vit, out, path=path), proj
+    kw = infer_vit_kwargs(out, out['cls_token'].shape[-1] // 64, path)  # CLIP's heads are 64 channels wide
+    return load_encoder(VisionTransformer(**kw, act='quick_gelu', norm_eps=1e-5), out, path=path), proj
 
 
 # ----------------------------------------------------------------------------------------------

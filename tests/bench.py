@@ -261,7 +261,7 @@ def bench_memory(args):
     forward's. Not counted: allocator caching and fragmentation, cuDNN / NCCL workspaces, hence
     the 10% margin of the last column."""
     gib, tmp = 2 ** 30, tempfile.mkdtemp()
-    print(f"\npeak memory per GPU at the defaults (bf16, CUDA's autocast rules, counted on the CPU)")
+    print("\npeak memory per GPU at the defaults (bf16, CUDA's autocast rules, counted on the CPU)")
     print(f"{'method':<12} {'batch':>5} {'params+grads+AdamW':>19} {'frozen':>7} {'saved act.':>10} {'largest temp.':>13} "
           f"{'total GiB':>9} {'fits 80 GB':>10}")
     torch.nn.functional.layer_norm = fp32_norms(real_layer_norm := torch.nn.functional.layer_norm)

@@ -212,7 +212,6 @@ def test_rrc_box_in_bounds():
 
 
 def test_jpeg_draft_decoding_matches_full_decode():
-    rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
     arr = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
     buf = io.BytesIO()

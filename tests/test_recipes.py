@@ -5,7 +5,6 @@ import importlib
 import math
 import os
 import random
-import re
 
 import numpy as np
 import pytest

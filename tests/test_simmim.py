@@ -1,7 +1,6 @@
 """simmim.py: the mask units, the loss against the paper's pixel-space formula, the model's layout, and the CLI."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
