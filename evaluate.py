@@ -1,10 +1,9 @@
 """Evaluation protocols and analyses for ViT encoders: checkpoints of the five nanoMIM scripts, and
 timm / DeiT / DINO / MAE / BEiT / SimMIM / OpenAI CLIP files.
 
-Every subcommand reads --ckpt (`--format clip` for OpenAI CLIP; `--random-init` keeps the
-checkpoint's architecture with fresh weights, the baseline to beat) and images from --data DIR
-(DIR/train and DIR/val class folders, or --train/--val) or --data synthetic. Features come from the
-frozen encoder in eval mode, at the checkpoint's resolution unless --img-size says otherwise.
+Every subcommand reads --ckpt (`--format clip`: OpenAI CLIP; `--random-init`: its architecture with fresh weights,
+the baseline to beat) and --data DIR (DIR/train and DIR/val class folders, or --train/--val) or --data synthetic.
+Features come from the frozen encoder in eval mode, at the checkpoint's resolution unless --img-size says otherwise.
 
   python evaluate.py knn --ckpt out/simmim/checkpoint.pth --data /imagenet   weighted k-NN (DINO)
   python evaluate.py linear --ckpt CKPT --data /imagenet --cache-features    linear probe (MAE)
@@ -18,18 +17,14 @@ frozen encoder in eval mode, at the checkpoint's resolution unless --img-size sa
   python evaluate.py export --ckpt out/simmim/checkpoint.pth --out vit_b16.pth   the encoder under timm's names
       ('model'; timm's Beit layout with a relative position bias) and its architecture ('encoder_kwargs')
 The protocols print top-1/top-5 % (Recall@1 %); the analyses write CSV tables and PNG plots to --output-dir.
+On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` (`linear ... --cache-features
+--batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3 --blr 10`: LARS moves a weight matrix by about
+lr / 1000 of its norm per step, so a few hundred steps need an lr near MAE's 6.4, not blr 0.1 x 256 / 256).
 
-On the synthetic data (CPU, a few minutes): add `--data synthetic --num-workers 2` to any of them
-(`linear ... --cache-features --batch-size 256 --accum-iter 1 --epochs 30 --warmup-epochs 3 --blr 10`:
-LARS moves a weight matrix by about lr / 1000 of its norm per step, so a few hundred steps need an lr
-near MAE's 6.4, not blr 0.1 x 256 / 256).
-
-`reconstruct` and other methods: the method is `--method NAME`, else the checkpoint's 'method'
-entry, else SimMIM when the checkpoint has its head. NAME.py's model class (its VisionTransformer
-subclass) is built from the checkpoint's 'args' (also set as `model.args`) and loaded; then
-NAME.reconstruct(model, img, mask_seed) -> (mask [B, L] with 1 = masked, pred [B, 3, H, W]) is
-called with img ImageNet-normalized; pred is in the same normalized pixel space (a method that
-predicts per-patch normalized pixels maps them back with each true patch's mean and variance).
+`reconstruct` and other methods: `--method NAME` (default: the checkpoint's 'method', else SimMIM given its head)
+builds NAME.py's one VisionTransformer subclass from the checkpoint's 'args' (also `model.args`), loads it, and calls
+NAME.reconstruct(model, img, mask_seed) -> (mask [B, L], 1 = masked; pred [B, 3, H, W]), img and pred normalized as
+ImageNet (a method that predicts per-patch normalized pixels maps them back with each true patch's mean and variance).
 """
 import argparse
 import csv
@@ -54,14 +49,12 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    enc, paths, pool = (argparse.ArgumentParser(add_help=False) for _ in range(3))
+    enc, paths, pool, baseline = (argparse.ArgumentParser(add_help=False) for _ in range(4))
     a = enc.add_argument
     a('--ckpt', required=True, help='checkpoint: ours, timm, DeiT, DINO, MAE, BEiT, SimMIM or OpenAI CLIP')
-    a('--format', choices=['auto', 'timm', 'clip'], default='auto',
-      help='auto: a ViT checkpoint (ours/timm/DeiT/DINO/MAE/BEiT/SimMIM), else OpenAI CLIP')
+    a('--format', choices=['auto', 'timm', 'clip'], default='auto', help='auto: a ViT checkpoint, else OpenAI CLIP')
     a('--random-init', action='store_true', help="the checkpoint's architecture with fresh weights (baseline)")
-    a('--num-heads', type=int, help='attention heads, for a bare state dict whose width is not a standard size '
-      '(default: from the width)')
+    a('--num-heads', type=int, help='heads, for a bare state dict of a non-standard width (default: from the width)')
     paths.add_argument('--train', help='train class folders (default: DATA/train)')
     paths.add_argument('--val', help='val class folders (default: DATA/val)')
     data = argparse.ArgumentParser(add_help=False, parents=[paths])
@@ -72,24 +65,21 @@ def get_args(argv=None):
     a('--num-workers', type=int, default=common.default_workers())
     a('--synthetic-size', type=int, default=10000, help='--data synthetic: train images (val: a quarter, at least 100)')
     a('--seed', type=int, default=0)
-    a('--device', help='default: cuda if available, else cpu')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda if available, else cpu')
     a('--output-dir', default='out/eval', help='where tables, plots and images go')
     pool.add_argument('--pool', choices=['cls', 'avg'], default='cls', help='image feature: cls token or mean patch token')
+    baseline.add_argument('--baseline', action='store_true', help='then with random weights (--seed) too, and the gain')
 
     def add(name, help, parents, **defaults):  # 'resolve': common's parser brings its own -h
         p = sub.add_parser(name, help=help, description=help, parents=parents, conflict_handler='resolve',
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(**defaults)
         return p.add_argument
-    a = add('knn', "DINO's weighted k-NN on frozen features", [enc, data, pool])
+    a = add('knn', "DINO's weighted k-NN on frozen features", [enc, data, pool, baseline])
     a('--k', type=int, default=20, help='neighbours (DINO)')
     a('--temperature', type=float, default=0.07, help='votes weighted exp(sim / T) (DINO)')
-    add('retrieval', 'Recall@1, val queries against the train index (SupMIM Tab. 4)', [enc, data, pool])
-    for name in ('knn', 'retrieval'):
-        sub.choices[name].add_argument('--baseline', action='store_true',
-                                       help='then the same with random weights (--seed), and the difference')
-    a = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool],
-            batch_size=512)  # MAE: 512 per GPU x 32 GPUs (--accum-iter 32) = 16384
+    add('retrieval', 'Recall@1, val queries against the train index (SupMIM Tab. 4)', [enc, data, pool, baseline])
+    a = add('linear', "MAE's linear probe on the frozen encoder", [enc, data, pool], batch_size=512)  # x 32 GPUs
     a('--accum-iter', type=int, default=32, help='micro-batches per LARS step (MAE: 32 GPUs)')
     a('--epochs', type=int, default=90, help='MAE linear probe')
     a('--warmup-epochs', type=float, default=10, help='MAE linear probe')
@@ -103,8 +93,7 @@ def get_args(argv=None):
                        ('spectrum', 'singular values of the feature covariance per block (LUT Sec. 6.2.3)')):
         a = add(name, help, [enc, data], batch_size=64)
         a('--num-images', type=int, default=5000, help='val images (a seeded random subset)')
-    sub.choices['spectrum'].add_argument('--layers', type=int, nargs='+', default=None,
-                                         help='blocks to plot (default: four, the last included)')
+    a('--layers', type=int, nargs='+', help='blocks to plot (default: four, the last included)')  # spectrum's
     a = add('reconstruct', 'original / masked / reconstruction PNG grid (SimMIM Fig. 4)', [data])
     a('--ckpt', required=True, help='a pretraining checkpoint of a pixel method')
     a('--method', help="script name (default: the checkpoint's, or simmim)")
@@ -130,9 +119,8 @@ def get_args(argv=None):
     #   SimMIM Sec. 4.1.1 + 4.2: batch 2048, base lr 5e-3, 100 epochs, 10 warmup, layer decay 0.65, drop path .1
     #   DeepMIM App. A: MAE's recipe with lr 2e-4 (4e-4 for CLIP targets), layer decay 0.65 (0.6 after 800 epochs)
     #   LUT App. B Tab. D: base lr 2.5e-4 (B) / 5e-4 (S), layer decay 0.65 (B) / 0.75 (S), 100 (B) / 300 (S) epochs
-    for action in sub.choices['finetune']._actions:
-        if action.dest in ('model', 'patch_size'):  # the checkpoint's
-            action.help = argparse.SUPPRESS
+    for action in sub.choices['finetune']._actions:  # --model and --patch-size are the checkpoint's
+        action.help = argparse.SUPPRESS if action.dest in ('model', 'patch_size') else action.help
         action.required = action.required and action.dest != 'data'  # --train and --val do without it
     return parser.parse_args(argv)
 
@@ -141,12 +129,10 @@ def get_args(argv=None):
 # Encoders and features
 
 def load_model(args, **overrides):
-    """The --ckpt encoder, built with `overrides` (global_pool, num_classes, ...) and --img-size; `vit.mean_std`:
-    the input normalization it was trained with."""
+    """The --ckpt encoder built with `overrides`, --img-size and --num-heads; `.mean_std`: its input normalization."""
     if not os.path.isfile(args.ckpt):
         raise common.UsageError(f"--ckpt file not found: {args.ckpt}")
-    overrides.update(img_size=getattr(args, 'img_size', None),  # pos_embed is resampled to it
-                     num_heads=getattr(args, 'num_heads', None))  # needed for a bare state dict of a non-standard width
+    overrides.update(img_size=getattr(args, 'img_size', None), num_heads=getattr(args, 'num_heads', None))
     vit, error, mean_std = None, None, (common.IMAGENET_MEAN, common.IMAGENET_STD)
     try:
         vit = common.build_encoder(args.ckpt, **overrides)[0] if args.format != 'clip' else None
@@ -171,22 +157,11 @@ def load_model(args, **overrides):
     return vit
 
 
-def prepare(vit, img):
-    """An ImageNet-normalized batch in the normalization the encoder was trained with (CLIP's differs)."""
+def prepare(vit, img):  # ImageNet-normalized img in the normalization the encoder was trained with (CLIP's differs)
     return img if vit.mean_std[0] == common.IMAGENET_MEAN else common.renormalize(img, *vit.mean_std)
 
 
-def get_device(args):
-    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(args.device)
-
-
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-
-
-def dataset(args, split, transform):
-    """The `split` ('train' or 'val') images: --train/--val, DATA/split, or the synthetic split."""
+def dataset(args, split, transform):  # the split's images: --train/--val, DATA/split or the synthetic one
     if getattr(args, split):
         return common.ImageFolder(getattr(args, split), transform, args.seed)
     if args.data is None:
@@ -209,45 +184,34 @@ def loader(ds, args, shuffle=False):
 
 
 @torch.no_grad()
-def features(vit, img, pool, device):
-    """The image feature: the cls token, or the patch-token mean (through fc_norm if the encoder pools so)."""
+def features(vit, img, pool):  # the cls token or the mean patch token (through fc_norm if the encoder pools so)
     if pool == 'cls' and not vit.num_prefix:
         raise common.UsageError("this encoder has no cls token: use --pool avg")
-    with autocast(device):
+    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.device.type == 'cuda'):  # bf16 on GPUs
         z = vit.forward_features(prepare(vit, img))  # [B, prefix + L, D]
-    z = z[:, 0] if pool == 'cls' else vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
-    return z.float()
+    return z[:, 0] if pool == 'cls' else vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
 
 
 @torch.no_grad()
-def outputs(fn, data, device):
-    """fn(img) and the labels over a loader, concatenated on the device: ([N, ...], [N])."""
-    out, labels = [], []
-    for batch in data:
-        batch = common.to_device(batch, device)
-        out.append(fn(batch['img']).float())
-        labels.append(batch['label'])
+def outputs(fn, data, device):  # fn(img) and the labels over a loader, concatenated on the device: [N, ...], [N]
+    out, labels = zip(*[(fn(b['img']).float(), b['label']) for b in common.device_batches(data, device)])
     return torch.cat(out), torch.cat(labels)
 
 
-def topk_correct(scores, labels, ks=(1, 5)):
-    """How many rows of scores [M, C] rank the true label among their k highest, for each k."""
+def topk_correct(scores, labels, ks=(1, 5)):  # per k: how many rows of scores [M, C] rank the label in their top k
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices == labels[:, None]  # [M, 5]
     return torch.stack([top[:, :k].any(1).sum() for k in ks]).float()
 
 
 # ----------------------------------------------------------------------------------------------
-# k-NN and retrieval
+# Protocols on frozen features: k-NN, retrieval, linear probe (MAE, main_linprobe.py)
 
 def knn_classify(train_x, train_y, test_x, num_classes, k=20, T=0.07, chunk=1024):
-    """DINO's weighted k-NN: each test feature's k most cosine-similar train features vote for their
-    labels with weight exp(sim / T). Returns class scores [M, C]."""
-    train_x, k = F.normalize(train_x, dim=1), min(k, len(train_x))
-    scores = []
+    """DINO's weighted k-NN: the k most cosine-similar train features vote exp(sim / T) for their labels -> [M, C]."""
+    train_x, k, scores = F.normalize(train_x, dim=1), min(k, len(train_x)), []
     for q in F.normalize(test_x, dim=1).split(chunk):
         sim, idx = (q @ train_x.T).topk(k, dim=1)  # [b, k] similarities and indices of the nearest
-        votes = torch.zeros(len(q), num_classes, device=q.device)
-        scores.append(votes.scatter_add_(1, train_y[idx], (sim / T).exp()))  # [b, C]
+        scores.append(torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, train_y[idx], (sim / T).exp()))
     return torch.cat(scores)
 
 
@@ -259,33 +223,28 @@ def recall_at_1(index_x, index_y, query_x, query_y, chunk=1024):
 
 
 def knn(args):  # and retrieval; --baseline: then the same on the architecture with random weights
-    device, results, train = get_device(args), [], None
+    device, results, train = torch.device(args.device), [], None
     for random_init in (False, True) if args.baseline else (args.random_init,):
         vit = load_model(argparse.Namespace(**dict(vars(args), random_init=random_init))).to(device).eval()
         if train is None:  # the same images for the baseline
             train, val = datasets(args, *[common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size)] * 2)
-        (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool, device), loader(ds, args), device)
+        (xtr, ytr), (xva, yva) = [outputs(lambda img: features(vit, img, args.pool), loader(ds, args), device)
                                   for ds in (train, val)]
         if args.command == 'retrieval':
             results.append(recall_at_1(xtr, ytr, xva, yva))
             print(f"Recall@1 ({args.pool}): {results[-1]:.2f}%  ({len(yva)} queries / {len(ytr)} index)")
-            continue
-        scores = knn_classify(xtr, ytr, xva, len(train.classes), args.k, args.temperature)  # [M, C]
-        top1, top5 = (100 * topk_correct(scores, yva) / len(yva)).tolist()
-        results.append(top1)
-        print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
-              f"({len(ytr)} train / {len(yva)} val)")
+        else:
+            scores = knn_classify(xtr, ytr, xva, len(train.classes), args.k, args.temperature)  # [M, C]
+            top1, top5 = (100 * topk_correct(scores, yva) / len(yva)).tolist()
+            results.append(top1)
+            print(f"k-NN (k={args.k}, T={args.temperature:g}, {args.pool}): top-1 {top1:.2f}%  top-5 {top5:.2f}%  "
+                  f"({len(ytr)} train / {len(yva)} val)")
     if args.baseline:
         print(f"checkpoint {results[0]:.2f}% vs random init {results[1]:.2f}%: {results[0] - results[1]:+.2f} points")
 
 
-# ----------------------------------------------------------------------------------------------
-# Linear probe (MAE, main_linprobe.py)
-
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al., 2017) as in MAE's linear probe: u = g + wd * p scaled by the trust ratio
-    eta * ||p|| / ||u|| for weight matrices (u = g for 1-D parameters), then heavy-ball momentum."""
-
+    """LARS (You et al., 2017) as MAE's: u = g + wd * p times eta * ||p|| / ||u|| (1-D: u = g), heavy-ball momentum."""
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
 
@@ -303,14 +262,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def linear(args):
-    device = get_device(args)
+    device = torch.device(args.device)
     vit = load_model(args).to(device).eval()
-    size, fn = vit.patch_embed.grid[0] * vit.patch_size, lambda img: features(vit, img, args.pool, device)
+    size, fn = vit.patch_embed.grid[0] * vit.patch_size, lambda img: features(vit, img, args.pool)
     augment = lambda rng, img: {'img': common.to_tensor(common.hflip(rng, common.random_resized_crop(rng, img, size)))}  # noqa: E731
     train, val = datasets(args, common.eval_transform(size) if args.cache_features else augment, common.eval_transform(size))
     (xva, yva), train_loader = outputs(fn, loader(val, args), device), common.make_loader(train, args, 0, 1)
-    if args.cache_features:
-        xtr, ytr = outputs(fn, loader(train, args), device)
+    xtr, ytr = outputs(fn, loader(train, args), device) if args.cache_features else (None, None)
     eff_batch = args.batch_size * args.accum_iter
     if (steps_per_epoch := len(train) // eff_batch) == 0:
         raise common.UsageError(f"{len(train)} train images give no step at --batch-size {args.batch_size} x "
@@ -330,7 +288,7 @@ def linear(args):
             micro = ((xtr[i], ytr[i]) for i in order.split(args.batch_size))
         else:
             train_loader.sampler.set_epoch(epoch)
-            micro = ((fn(b['img']), b['label']) for b in (common.to_device(b, device) for b in train_loader))
+            micro = ((fn(b['img']).float(), b['label']) for b in common.device_batches(train_loader, device))
         loss_sum = 0.0
         for i, (x, y) in zip(range(steps_per_epoch * args.accum_iter), micro):
             opt.param_groups[0]['lr'] = common.get_lr(epoch * steps_per_epoch + i // args.accum_iter, total, warmup, args.lr, 0.0)
@@ -360,14 +318,12 @@ def layer_decay_groups(model, weight_decay, layer_decay):
         embedding = name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'norm_pre.'))
         i = 0 if embedding else int(name.split('.')[1]) + 1 if name.startswith('blocks.') else num_layers
         no_wd = p.ndim == 1 or name.endswith(('cls_token', 'pos_embed', 'bias_table'))
-        group = groups.setdefault((i, no_wd), {'params': [], 'weight_decay': 0.0 if no_wd else weight_decay,
-                                               'lr_scale': layer_decay ** (num_layers - i)})
-        group['params'].append(p)
+        groups.setdefault((i, no_wd), {'params': [], 'weight_decay': 0.0 if no_wd else weight_decay,
+                                       'lr_scale': layer_decay ** (num_layers - i)})['params'].append(p)
     return list(groups.values())
 
 
 # timm's RandAugment 'rand-m9-mstd0.5-inc1' and RandomErasing, as MAE and BEiT fine-tune
-
 BICUBIC, GRAY = Image.Resampling.BICUBIC, (128, 128, 128)  # GRAY: fill for pixels uncovered by geometric ops
 
 
@@ -379,12 +335,8 @@ def _enhance(cls):  # timm '_enhance_increasing': factor 1 +- 0.9*m/10, floored 
     return lambda im, m, s: cls(im).enhance(max(0.1, 1 + s * 0.9 * m / 10))
 
 
-def _solarize_add(im, m, s):  # timm: brighten only the dark half (< 128) by up to 110
-    return im.point([min(255, i + int(m / 10 * 110)) if i < 128 else i for i in range(256)] * len(im.getbands()))
-
-
-def _posterize(im, bits):  # own table: Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
-    return im.point([i & ~(2 ** (8 - bits) - 1) for i in range(256)] * len(im.getbands()))
+def _lut(im, f):  # the 8-bit table f(0), ..., f(255) on every band
+    return im.point([f(i) for i in range(256)] * len(im.getbands()))
 
 
 # name -> f(img, magnitude in [0, 10], sign in {-1, +1}); "Increasing" = larger m is stronger
@@ -393,9 +345,10 @@ RA_OPS = {
     'Equalize': lambda im, m, s: ImageOps.equalize(im),
     'Invert': lambda im, m, s: ImageOps.invert(im),
     'Rotate': lambda im, m, s: im.rotate(s * 30 * m / 10, BICUBIC, fillcolor=GRAY),
-    'PosterizeIncreasing': lambda im, m, s: _posterize(im, 4 - int(m / 10 * 4)),
+    # keeps 4 - int(m / 10 * 4) bits; own table: Pillow >= 12 rejects bits=0, which timm reaches at m=10 (all black)
+    'PosterizeIncreasing': lambda im, m, s: _lut(im, lambda i: i & ~(2 ** (4 + int(m / 10 * 4)) - 1)),
     'SolarizeIncreasing': lambda im, m, s: ImageOps.solarize(im, 256 - int(m / 10 * 256)),
-    'SolarizeAdd': _solarize_add,
+    'SolarizeAdd': lambda im, m, s: _lut(im, lambda i: min(255, i + int(m / 10 * 110)) if i < 128 else i),  # dark half
     'ColorIncreasing': _enhance(ImageEnhance.Color),
     'ContrastIncreasing': _enhance(ImageEnhance.Contrast),
     'BrightnessIncreasing': _enhance(ImageEnhance.Brightness),
@@ -407,14 +360,11 @@ RA_OPS = {
 }
 
 
-def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):
-    """timm RandAugment: num_ops ops (with replacement), each applied w.p. 0.5, m ~ N(9, 0.5)."""
+def rand_augment(rng, img, num_ops=2, magnitude=9, mstd=0.5):  # timm's: num_ops draws, each w.p. 0.5, m ~ N(9, 0.5)
     for i in rng.integers(len(RA_OPS), size=num_ops):
-        if rng.random() >= 0.5:  # timm's per-op prob 0.5 ('p' default)
-            continue
-        m = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) if mstd > 0 else magnitude
-        sign = 1 if rng.random() < 0.5 else -1  # timm '_randomly_negate'
-        img = list(RA_OPS.values())[i](img, m, sign)
+        if rng.random() < 0.5:  # timm's per-op prob 0.5 ('p' default)
+            m = float(np.clip(rng.normal(magnitude, mstd), 0, 10)) if mstd > 0 else magnitude
+            img = list(RA_OPS.values())[i](img, m, 1 if rng.random() < 0.5 else -1)  # sign: timm '_randomly_negate'
     return img
 
 
@@ -423,18 +373,16 @@ def erasing_box(rng, size, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
     (H, W): int64 [4] (top, left, h, w), zeros if not erased. `erase` fills it on the device (uint8 travels)."""
     H, W = size
     if rng.random() < p:
-        log_r = (math.log(ratio[0]), math.log(ratio[1]))  # log-uniform so r and 1/r are equally likely
         for _ in range(10):
             area = rng.uniform(*scale) * H * W
-            r = math.exp(rng.uniform(*log_r))
+            r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))  # log-uniform: r and 1/r equally likely
             h, w = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
             if h < H and w < W:
                 return np.array([rng.integers(H - h + 1), rng.integers(W - w + 1), h, w], np.int64)
     return np.zeros(4, np.int64)
 
 
-def erase(x, box):
-    """Fill each image's box [B, 4] (erasing_box) with N(0, 1) noise, the scale of the normalized x [B, C, H, W]."""
+def erase(x, box):  # each image's box [B, 4] (erasing_box) filled with N(0, 1) noise, the scale of the normalized x
     rows, cols = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
     top, left, h, w = (v[:, None] for v in box.unbind(1))  # [B, 1] each
     inside = ((rows >= top) & (rows < top + h))[:, None, :, None] & ((cols >= left) & (cols < left + w))[:, None, None, :]
@@ -445,20 +393,8 @@ def soft_target_cross_entropy(logits, target):  # averaged over the batch
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def finetune_transform(args):
-    """timm's create_transform as MAE fine-tunes: RandomResizedCrop (.08-1, bicubic), flip, RandAugment;
-    normalize and RandomErasing on the device (the box drawn here): images travel as uint8."""
-    def transform(rng, img):
-        img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
-        img = rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
-        return {'img': common.to_tensor(img), 'erase': erasing_box(rng, (args.img_size,) * 2, args.reprob)}
-    return transform
-
-
 class Finetune(common.VisionTransformer):
-    """The encoder and its classifier, `loss, logs = model(batch)`: random erasing, mixup/cutmix and label
-    smoothing on the device, then soft-target cross-entropy (timm's Mixup and SoftTargetCrossEntropy, as MAE)."""
-
+    """Encoder and classifier, `loss, logs = model(batch)`: timm's RandomErasing, Mixup/CutMix, soft-target CE (MAE)."""
     def __init__(self, vit, args):
         super().__init__(**vit.encoder_kwargs)
         self.load_state_dict(vit.state_dict())
@@ -467,8 +403,7 @@ class Finetune(common.VisionTransformer):
         self.mean_std, self.mixup, self.cutmix, self.smoothing = vit.mean_std, args.mixup, args.cutmix, args.smoothing
 
     @torch.compiler.disable  # host-side random numbers: keep them out of the compiled graph
-    def mix(self, img, labels):
-        """Mixup/CutMix with label-smoothed soft targets [B, C] (alphas 0: the smoothed one-hot labels)."""
+    def mix(self, img, labels):  # Mixup/CutMix, label-smoothed soft targets [B, C] (alphas 0: smoothed one-hots)
         rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))  # CPU generator, seeded per step by the loop
         return common.mixup_cutmix(rng, img, labels, self.head.out_features, self.mixup, self.cutmix, label_smoothing=self.smoothing)
 
@@ -476,15 +411,19 @@ class Finetune(common.VisionTransformer):
         return super().forward(prepare(self, img))
 
     def forward(self, batch):
-        img = erase(batch['img'], batch['erase'])  # erasing noise is N(0, 1) in ImageNet's normalization
-        img, target = self.mix(img, batch['label'])
+        img, target = self.mix(erase(batch['img'], batch['erase']), batch['label'])  # noise N(0, 1): normalized
         return soft_target_cross_entropy(self.logits(img), target), {}
 
 
 def finetune(args):
     rank, world, device = common.setup(args)
+
+    def augment(rng, img):  # timm's create_transform as MAE fine-tunes: crop, flip, RandAugment; RandomErasing's box
+        img = common.hflip(rng, common.random_resized_crop(rng, img, args.img_size))
+        img = rand_augment(rng, img, 2, args.randaug_magnitude, args.randaug_mstd)
+        return {'img': common.to_tensor(img), 'erase': erasing_box(rng, (args.img_size,) * 2, args.reprob)}
     # args.img_size (None: the checkpoint's) is read when the transforms run, after load_model
-    train, val = datasets(args, finetune_transform(args), lambda rng, img: common.eval_transform(args.img_size)(rng, img))
+    train, val = datasets(args, augment, lambda rng, img: common.eval_transform(args.img_size)(rng, img))
     model = Finetune(load_model(args, global_pool='avg', num_classes=len(train.classes), drop_path_rate=args.drop_path), args)
     args.img_size = model.patch_embed.grid[0] * model.patch_size
     val_loader = common.make_loader(val, args, rank, world, shuffle=False, drop_last=False)  # drops < world images
@@ -493,8 +432,7 @@ def finetune(args):
         best.update({k: v for k, v in common.read_checkpoint(best_path).items() if k in best})
 
     def evaluate(epoch):  # top-1 / top-5 % on val, each rank its share, summed across ranks
-        model.eval()
-        logits, labels = outputs(model.logits, val_loader, device)
+        logits, labels = outputs(model.eval().logits, val_loader, device)
         hits = torch.cat([topk_correct(logits, labels), logits.new_tensor([len(labels)])])  # top-1, top-5, images
         if world > 1:
             dist.all_reduce(hits)
@@ -514,23 +452,20 @@ def finetune(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Analyses: attention distance, CKA, spectrum
+# Analyses: attention distance, CKA, spectrum; their tables and plots (PIL only)
 
 def attention_distance(attn, grid, patch_size, num_prefix=1):
-    """LUT Eq. 4 / ViT Fig. 7: for each query patch q, sum_k a_qk * ||c_q - c_k|| with c the patch
-    centres in pixels, averaged over queries. attn [B, H, N, N] -> [B, H]. The cls row and column are
-    dropped and each row renormalized: the expected distance of the patches a query attends to, whatever
-    mass it puts on the cls token. (LUT's normalized coordinates: divide by img size.)"""
+    """LUT Eq. 4 / ViT Fig. 7: sum_k a_qk ||c_q - c_k|| (c: patch centres, px) averaged over queries q -> [B, H]. With
+    the cls row and column dropped and rows renormalized: the distance of what a query attends to besides the cls
+    token (LUT's units: divide by img size)."""
     a = attn[:, :, num_prefix:, num_prefix:].float()
     a = a / a.sum(-1, keepdim=True)  # [B, H, L, L]
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
-    centres = torch.stack([rows, cols], -1).reshape(-1, 2).float().to(a.device) * patch_size  # [L, 2]
+    centres = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).float().to(a.device) * patch_size
     return (a * torch.cdist(centres, centres)).sum(-1).mean(-1)  # [B, H]
 
 
 def linear_cka(x, y):
-    """Linear CKA (Kornblith et al., 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-
-    centred x [n, d1], y [n, d2]; invariant to rotations and isotropic scaling of either."""
+    """Linear CKA (Kornblith et al. 2019) of centred x [n, d1], y [n, d2]: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)."""
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
     return ((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())).item()
 
@@ -549,82 +484,110 @@ def attention_maps(attn, x, bias=None):  # the probabilities [B, H, N, N] that c
     return (scores if bias is None else scores + bias).softmax(-1)
 
 
-def block_attention_distances(vit, img):  # [B, depth, H]
-    x, bias, attns = vit.add_cls(vit.add_pos(vit.patch_embed(img))), vit.attn_bias(), []
-    for blk in vit.blocks:
-        attns.append(attention_maps(blk.attn, blk.norm1(x), bias))
-        x = blk(x, bias)
-    return torch.stack([attention_distance(a, vit.patch_embed.grid, vit.patch_size, vit.num_prefix) for a in attns], 1)
+def block_outputs(vit, img, attention=False):  # [B, depth, H] attention distances, else [B, depth, D] mean patch tokens
+    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.device.type == 'cuda'):  # as features
+        x, bias, out = vit.add_cls(vit.add_pos(vit.patch_embed(prepare(vit, img)))), vit.attn_bias(), []
+        for blk in vit.blocks:
+            attn = attention_maps(blk.attn, blk.norm1(x), bias) if attention else None
+            x = blk(x, bias)
+            out.append(x[:, vit.num_prefix:].mean(1) if attn is None else
+                       attention_distance(attn, vit.patch_embed.grid, vit.patch_size, vit.num_prefix))
+    return torch.stack(out, 1)
 
 
-def block_features(vit, img):
-    """[B, depth, D]: the mean patch token of each block's output (before the final norm): n = images."""
-    x, outs = vit.add_cls(vit.add_pos(vit.patch_embed(img))), []
-    for blk in vit.blocks:
-        outs.append(x := vit.run_blocks(x, [blk]))
-    return torch.stack([o[:, vit.num_prefix:].mean(1) for o in outs], 1)
-
-
-def analyse(args, fn):
-    """fn(vit, img) over a seeded random subset of --num-images val images -> [N, ...] on the CPU."""
-    device = get_device(args)
+def analysis(args):  # attention-distance, cka, spectrum on --num-images random val images (--seed): CSV and PNG
+    device = torch.device(args.device)
     vit = load_model(args).to(device).eval()
     val = dataset(args, 'val', common.eval_transform(vit.patch_embed.grid[0] * vit.patch_size))
     batches = itertools.islice(loader(val, args, shuffle=True), math.ceil(args.num_images / args.batch_size))
-    with autocast(device):
-        out = outputs(lambda img: fn(vit, prepare(vit, img)), batches, device)[0]
+    attention, spectra = args.command == 'attention-distance', args.command == 'spectrum'
+    f, _ = outputs(lambda img: block_outputs(vit, img, attention), batches, device)
+    f, depth, blocks = f[:args.num_images].cpu(), f.shape[1], list(range(1, f.shape[1] + 1))  # f [N, depth, ...]
     os.makedirs(args.output_dir, exist_ok=True)
-    return out[:args.num_images].cpu()
+    if attention:
+        d, heads = f.mean(0), f.shape[2]  # [depth, H], averaged over images
+        header = ['block', *[f'head{h}' for h in range(heads)], 'mean']
+        rows = [[i, *v.tolist(), v.mean().item()] for i, v in zip(blocks, d)]
+        series = [('heads', [i for i in blocks for _ in range(heads)], d.flatten().tolist(), 'dots'),
+                  ('mean', blocks, d.mean(1).tolist(), 'line')]
+        labels = 'block', 'mean attention distance (px)', f'attention distance, {depth} blocks x {heads} heads'
+    elif not spectra:  # CKA
+        values = [linear_cka(f[:, i], f[:, -1]) for i in range(depth)]
+        header, rows = ['block', 'cka_with_last'], [[i, v] for i, v in zip(blocks, values)]
+        series = [('CKA with the last block', blocks, values, 'line')]
+        labels = 'block', 'linear CKA', f'CKA with block {depth} ({len(f)} images)'
+    else:
+        layers = args.layers or sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+        if not all(1 <= i <= depth for i in layers):
+            raise common.UsageError(f"--layers must be between 1 and {depth}")
+        s = {i: spectrum(f[:, i - 1]) for i in layers}
+        rank = {i: math.exp(-(v * v.clamp_min(1e-30).log()).sum().item()) for i, v in s.items()}  # exp(entropy)
+        print(' | '.join(f"block {i}: effective rank {rank[i]:.1f}, top-1 share {s[i][0]:.3f}" for i in layers))
+        header = ['index', *[f'block{i}' for i in layers]]
+        rows = [[j + 1, *[s[i][j].item() for i in layers]] for j in range(len(s[layers[0]]))]
+        series = [(f'block {i}', list(range(1, len(v) + 1)), v.clamp_min(1e-12).tolist(), 'line') for i, v in s.items()]
+        labels = 'singular value index', 'normalized singular value', f'feature covariance spectrum ({len(f)} images)'
+    report(args, header, rows, series, *labels, logy=spectra, show=10 if spectra else None)
 
 
-def report(args, name, header, rows, series, xlabel, ylabel, title, logy=False, show=None):
-    table(os.path.join(args.output_dir, f'{name}.csv'), header, rows, show)
-    plot_lines(os.path.join(args.output_dir, f'{name}.png'), series, xlabel, ylabel, title, logy)
+def report(args, header, rows, series, xlabel, ylabel, title, logy=False, show=None):
+    """Rows printed (the first `show`) and saved to OUTPUT/COMMAND.csv; series (label, xs, ys, kind) plotted to .png."""
+    path = os.path.join(args.output_dir, args.command.replace('-', '_'))
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in [header] + rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    for r in cells[:None if show is None else show + 1]:
+        print('  '.join(c.rjust(w) for c, w in zip(r, widths)))
+    with open(path + '.csv', 'w', newline='') as file:
+        csv.writer(file).writerows([header] + rows)
+    print(f"-> {path}.csv")
+    W, H, (L, R, T, B) = 760, 480, (80, 190, 50, 60)
+    palette = '#1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 #7f7f7f #bcbd22 #17becf'.split()  # tab10
+    try:
+        f, big = ImageFont.load_default(size=14), ImageFont.load_default(size=16)
+    except (TypeError, ValueError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        f = big = ImageFont.load_default()
 
-
-def attention_distance_cmd(args):
-    d = analyse(args, block_attention_distances).mean(0)  # [depth, H], averaged over images
-    heads = d.shape[1]
-    blocks = list(range(1, len(d) + 1))
-    report(args, 'attention_distance', ['block', *[f'head{h}' for h in range(heads)], 'mean'],
-           [[i, *v.tolist(), v.mean().item()] for i, v in zip(blocks, d)],
-           [('heads', [i for i in blocks for _ in range(heads)], d.flatten().tolist(), 'dots'), ('mean', blocks, d.mean(1).tolist(), 'line')],
-           'block', 'mean attention distance (px)', f'attention distance, {len(d)} blocks x {heads} heads')
-
-
-def cka_cmd(args):
-    f = analyse(args, block_features)
-    values = [linear_cka(f[:, i], f[:, -1]) for i in range(f.shape[1])]
-    report(args, 'cka', ['block', 'cka_with_last'], [[i + 1, v] for i, v in enumerate(values)],
-           [('CKA with the last block', list(range(1, len(values) + 1)), values, 'line')],
-           'block', 'linear CKA', f'CKA with block {len(values)} ({len(f)} images)')
-
-
-def spectrum_cmd(args):
-    f = analyse(args, block_features)
-    depth = f.shape[1]
-    layers = args.layers or sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
-    if not all(1 <= i <= depth for i in layers):
-        raise common.UsageError(f"--layers must be between 1 and {depth}")
-    s = {i: spectrum(f[:, i - 1]) for i in layers}
-    rank = {i: math.exp(-(v * v.clamp_min(1e-30).log()).sum().item()) for i, v in s.items()}  # exp(entropy)
-    print(' | '.join(f"block {i}: effective rank {rank[i]:.1f}, top-1 share {s[i][0]:.3f}" for i in layers))
-    report(args, 'spectrum', ['index', *[f'block{i}' for i in layers]], [[j + 1, *[s[i][j].item() for i in layers]] for j in range(len(s[layers[0]]))],
-           [(f'block {i}', list(range(1, len(v) + 1)), v.clamp_min(1e-12).tolist(), 'line') for i, v in s.items()],
-           'singular value index', 'normalized singular value', f'feature covariance spectrum ({len(f)} images)', logy=True, show=10)
+    def ticks(lo, hi, n):  # about n round-numbered ticks (steps 1, 2 or 5 x 10^k) inside [lo, hi]
+        step = 10 ** math.floor(math.log10((hi - lo) / n))
+        step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+        return [round(k * step, 9) for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+    ty = math.log10 if logy else float
+    xs, ys = [x for s in series for x in s[1]], [ty(y) for s in series for y in s[2]]
+    x0, x1, pad = min(xs), max(xs) + (max(xs) == min(xs)), 0.05 * (max(ys) - min(ys) or 1)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
+    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
+    d = ImageDraw.Draw(img := Image.new('RGB', (W, H), 'white'))
+    for x in ticks(x0, x1, 8):
+        d.line([(px(x), H - B), (px(x), H - B + 5)], fill='black')
+        d.text((px(x), H - B + 8), f"{x:g}", fill='black', font=f, anchor='mt')
+    for y in ticks(y0, y1, 6):  # log axis: labelled 10^y
+        d.line([(L, py(y)), (W - R, py(y))], fill=(230, 230, 230))
+        d.text((L - 8, py(y)), f"{10 ** y:.2g}" if logy else f"{y:g}", fill='black', font=f, anchor='rm')
+    d.rectangle([L, T, W - R, H - B], outline='black')
+    for i, (label, sx, sy, kind) in enumerate(series):
+        color, pts, ly = palette[i % len(palette)], [(px(x), py(ty(y))) for x, y in zip(sx, sy)], T + 10 + 22 * i
+        if kind == 'line' and len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for x, y in pts if kind == 'dots' or len(pts) < 30 else []:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        d.line([(W - R + 15, ly), (W - R + 40, ly)], fill=color, width=3)  # legend
+        d.text((W - R + 48, ly), label, fill='black', font=f, anchor='lm')
+    d.text(((L + W - R) / 2, 16), title, fill='black', font=big, anchor='mm')
+    d.text((8, T - 10), ylabel, fill='black', font=f, anchor='ls')
+    d.text(((L + W - R) / 2, H - 18), xlabel, fill='black', font=f, anchor='mm')
+    img.save(path + '.png')
+    print(f"-> {path}.png")
 
 
 # ----------------------------------------------------------------------------------------------
-# Reconstructions
+# Reconstructions; export to timm
 
 def reconstruction_grid(img, mask, pred, patch_size):
     """uint8 [B*H, 3*W, 3]: per image, original | masked patches grey | prediction in the masked
     patches pasted on the visible ones. img, pred: ImageNet-normalized [B, 3, H, W]; mask [B, L]."""
-    B, _, H, W = img.shape
-    m = mask.reshape(B, H // patch_size, W // patch_size).repeat_interleave(patch_size, 1)
-    m = m.repeat_interleave(patch_size, 2)[:, None].float()  # [B, 1, H, W]
-    mean, std = (torch.tensor(v, device=img.device).view(1, 3, 1, 1) for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
-    orig, rec = ((x * std + mean).clamp(0, 1) for x in (img, pred))
+    m = F.interpolate(mask.reshape(len(img), 1, img.shape[2] // patch_size, -1).float(), scale_factor=patch_size)
+    orig, rec = (common.unnormalize(x).clamp(0, 1) for x in (img, pred))
     rows = torch.cat([orig, orig * (1 - m) + 0.5 * m, orig * (1 - m) + rec * m], 3)  # [B, 3, H, 3W]
     return (torch.cat(list(rows), 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
 
@@ -640,20 +603,19 @@ def reconstruct(args):
     if not method or not method.isidentifier() or not os.path.isfile(os.path.join(here, f'{method}.py')):
         raise common.UsageError(f"cannot tell which script wrote {args.ckpt} ({method}): pass --method NAME for NAME.py next to evaluate.py")
     module = importlib.import_module(method)
-    fn = getattr(module, 'reconstruct', None)
     classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, common.VisionTransformer)
                and c.__module__ == module.__name__]
-    if fn is None or len(classes) != 1:
+    if not hasattr(module, 'reconstruct') or len(classes) != 1:
         raise common.UsageError(f"{method}.py defines no reconstruct(model, img, mask_seed) (or no single model class): "
                                 "see the contract in evaluate.py's docstring")
     model = classes[0](argparse.Namespace(**ckpt['args']))
     missing, unexpected = model.load_state_dict(ckpt['model'], strict=False)
     if unexpected or [k for k in missing if not k.startswith(tuple(getattr(model, 'frozen_prefixes', ())))]:
         raise common.UsageError(f"{args.ckpt} does not match {method}.py's model (first: {(unexpected + missing)[0]})")
-    device, model.args, args.batch_size = get_device(args), argparse.Namespace(**ckpt['args']), args.num_images
+    device, model.args, args.batch_size = torch.device(args.device), argparse.Namespace(**ckpt['args']), args.num_images
     val = dataset(args, 'val', common.eval_transform(model.patch_embed.grid[0] * model.patch_size))
     img = common.to_device(next(iter(loader(val, args, shuffle=True))), device)['img']
-    mask, pred = fn(model.to(device).eval(), img, args.mask_seed)
+    mask, pred = module.reconstruct(model.to(device).eval(), img, args.mask_seed)
     grid = reconstruction_grid(img, mask, pred.float(), model.patch_size)
     out = args.out or os.path.join(args.output_dir, 'reconstruct.png')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -697,10 +659,9 @@ def to_beit(sd):
     for k, v in sd.items():
         for beit, ours in common.BEIT_NAMES:
             k = k.replace(ours, beit)
+        out[k] = v
         if k.endswith('.attn.qkv.bias'):
-            out[k[:-8] + 'q_bias'], _, out[k[:-8] + 'v_bias'] = v.chunk(3)
-        else:
-            out[k] = v
+            out[k[:-8] + 'q_bias'], _, out[k[:-8] + 'v_bias'] = out.pop(k).chunk(3)
     return out
 
 
@@ -718,77 +679,10 @@ def export(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables and plots (PIL only)
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def table(path, header, rows, show=None):
-    """Print rows aligned (the first `show` of them) and write them to a CSV file when `path` is given."""
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in [header] + rows]
-    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
-    for r in cells[:None if show is None else show + 1]:
-        print('  '.join(c.rjust(w) for c, w in zip(r, widths)))
-    if path:
-        with open(path, 'w', newline='') as f:
-            csv.writer(f).writerows([header] + rows)
-        print(f"-> {path}")
-
-
-def font(size=14):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ValueError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def ticks(lo, hi, n):
-    """Round-numbered ticks (steps 1, 2 or 5 x 10^k) inside [lo, hi], about n of them."""
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [round(k * step, 9) for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-
-
-def plot_lines(path, series, xlabel, ylabel, title, logy=False):
-    """A PNG plot of series [(label, xs, ys, 'line' | 'dots')] with a legend; a log10 y axis with logy."""
-    W, H, (L, R, T, B), f = 760, 480, (80, 190, 50, 60), font()
-    ty = math.log10 if logy else float
-    xs, ys = [x for s in series for x in s[1]], [ty(y) for s in series for y in s[2]]
-    x0, x1, pad = min(xs), max(xs) + (max(xs) == min(xs)), 0.05 * (max(ys) - min(ys) or 1)
-    y0, y1 = min(ys) - pad, max(ys) + pad
-    px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)  # noqa: E731
-    py = lambda y: H - B - (y - y0) / (y1 - y0) * (H - T - B)  # noqa: E731
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    for x in ticks(x0, x1, 8):
-        d.line([(px(x), H - B), (px(x), H - B + 5)], fill='black')
-        d.text((px(x), H - B + 8), f"{x:g}", fill='black', font=f, anchor='mt')
-    for y in ticks(y0, y1, 6):  # log axis: labelled 10^y
-        d.line([(L, py(y)), (W - R, py(y))], fill=(230, 230, 230))
-        d.text((L - 8, py(y)), f"{10 ** y:.2g}" if logy else f"{y:g}", fill='black', font=f, anchor='rm')
-    d.rectangle([L, T, W - R, H - B], outline='black')
-    for i, (label, sx, sy, kind) in enumerate(series):
-        color, pts, ly = PALETTE[i % len(PALETTE)], [(px(x), py(ty(y))) for x, y in zip(sx, sy)], T + 10 + 22 * i
-        if kind == 'line' and len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for x, y in pts if kind == 'dots' or len(pts) < 30 else []:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        d.line([(W - R + 15, ly), (W - R + 40, ly)], fill=color, width=3)  # legend
-        d.text((W - R + 48, ly), label, fill='black', font=f, anchor='lm')
-    d.text(((L + W - R) / 2, 16), title, fill='black', font=font(16), anchor='mm')
-    d.text((8, T - 10), ylabel, fill='black', font=f, anchor='ls')
-    d.text(((L + W - R) / 2, H - 18), xlabel, fill='black', font=f, anchor='mm')
-    img.save(path)
-    print(f"-> {path}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Main
 
-COMMANDS = {'knn': knn, 'retrieval': knn, 'linear': linear, 'finetune': finetune, 'export': export,
-            'attention-distance': attention_distance_cmd, 'cka': cka_cmd, 'spectrum': spectrum_cmd,
-            'reconstruct': reconstruct}
+COMMANDS = {'knn': knn, 'retrieval': knn, 'linear': linear, 'finetune': finetune, 'attention-distance': analysis,
+            'cka': analysis, 'spectrum': analysis, 'reconstruct': reconstruct, 'export': export}
 
 
 def main(argv=None):
