@@ -276,6 +276,7 @@ def linear(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     print(f"lr {args.lr:.3g} = blr {args.blr:g} x batch {eff_batch} / 256 | {total} LARS steps, {warmup} warmup")
+    torch.manual_seed(args.seed)  # the head's init: the same probe for the same --seed
     head = nn.Linear(xva.shape[1], len(train.classes))
     nn.init.trunc_normal_(head.weight, std=0.01)  # MAE: trunc_normal(.01), bias 0, after a BatchNorm without affine,
     nn.init.zeros_(head.bias)  # a per-feature standardization that the badly scaled MIM features need

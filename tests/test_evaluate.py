@@ -381,10 +381,16 @@ def test_missing_checkpoint_is_one_line():
 
 
 def test_linear_probe_on_cached_features(small_ckpt, capsys):
-    evaluate.main(['linear', '--ckpt', small_ckpt, *CPU, '--synthetic-size', '64', '--batch-size', '16', '--accum-iter', '1',
-                   '--epochs', '2', '--warmup-epochs', '1', '--cache-features'])
-    out = capsys.readouterr().out
+    argv = ['linear', '--ckpt', small_ckpt, *CPU, '--synthetic-size', '64', '--batch-size', '16', '--accum-iter', '1',
+            '--epochs', '2', '--warmup-epochs', '1', '--cache-features']
+    results = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(100 + len(results))  # the probe's own --seed, not the caller's state, decides its result
+        evaluate.main(argv + ['--seed', str(seed)])
+        out = capsys.readouterr().out
+        results.append(out.splitlines()[-1])
     assert '8 LARS steps' in out and 0 <= top1(out) <= 100
+    assert results[0] == results[1] and results[1] != results[2]  # a seed reproduces its probe
 
 
 def log_rows(out):
