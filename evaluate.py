@@ -183,11 +183,15 @@ def loader(ds, args, shuffle=False):
     return common.make_loader(ds, args, 0, 1, shuffle=shuffle, drop_last=False)
 
 
+def bf16(device):  # frozen encoders run in bf16 on GPUs, fp32 on the CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
 @torch.no_grad()
 def features(vit, img, pool):  # the cls token or the mean patch token (through fc_norm if the encoder pools so)
     if pool == 'cls' and not vit.num_prefix:
         raise common.UsageError("this encoder has no cls token: use --pool avg")
-    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.device.type == 'cuda'):  # bf16 on GPUs
+    with bf16(img.device):
         z = vit.forward_features(prepare(vit, img))  # [B, prefix + L, D]
     return z[:, 0] if pool == 'cls' else vit.pool(z) if vit.global_pool == 'avg' else z[:, vit.num_prefix:].mean(1)
 
@@ -486,7 +490,7 @@ def attention_maps(attn, x, bias=None):  # the probabilities [B, H, N, N] that c
 
 
 def block_outputs(vit, img, attention=False):  # [B, depth, H] attention distances, else [B, depth, D] mean patch tokens
-    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.device.type == 'cuda'):  # as features
+    with bf16(img.device):
         x, bias, out = vit.add_cls(vit.add_pos(vit.patch_embed(prepare(vit, img)))), vit.attn_bias(), []
         for blk in vit.blocks:
             attn = attention_maps(blk.attn, blk.norm1(x), bias) if attention else None
