@@ -515,8 +515,8 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 class ImageFolder(torch.utils.data.Dataset):
     """DIR/CLASS/**/IMAGE files, classes in sorted order. Items are transform(rng, img) plus the label, rng
     seeded by (seed, epoch, index): augmentations do not depend on the number of workers. Non-image files
-    and empty class folders are one warning, an unreadable image is replaced by the next; `strict`: errors."""
-    def __init__(self, root, transform, seed=0, strict=False):
+    and empty class folders are one warning, an unreadable image is replaced by the next (and said once)."""
+    def __init__(self, root, transform, seed=0):
         if not os.path.isdir(root):
             raise UsageError(f"--data folder not found: {root} (expected DIR/CLASS/IMAGE.jpg, or --data synthetic)")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -534,11 +534,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if skipped or empty:
             what = (f"{len(skipped)} non-image files and {len(empty)} empty class folders in {root} "
                     f"(first: {', '.join((skipped + empty)[:3])})")
-            if strict:
-                raise UsageError(f"--strict-data: {what}")
             if int(os.environ.get('RANK', 0)) == 0:
-                print(f"warning: skipped {what}; --strict-data makes this an error", file=sys.stderr)
-        self.root, self.transform, self.seed, self.strict, self.bad = root, transform, seed, strict, set()
+                print(f"warning: skipped {what}", file=sys.stderr)
+        self.root, self.transform, self.seed, self.bad = root, transform, seed, set()
 
     def __len__(self):
         return len(self.samples)
@@ -557,8 +555,6 @@ class ImageFolder(torch.utils.data.Dataset):
                 out = self.transform(np.random.default_rng((self.seed, epoch, i)), self.load(i))
                 return dict(out, label=self.samples[i][1])
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if self.strict:
-                    raise UsageError(f"--strict-data: unreadable image {self.samples[i][0]} ({e})") from None
                 if i not in self.bad:  # once per file and process
                     self.bad.add(i)
                     print(f"warning: unreadable image {self.samples[i][0]} ({e}): using the next one instead "
@@ -780,7 +776,7 @@ def build_dataset(args, transform, split='train'):
     root = os.path.join(args.data, split)
     if not os.path.isdir(root) and split == 'train':
         root = args.data
-    return ImageFolder(root, transform, args.seed, getattr(args, 'strict_data', False))
+    return ImageFolder(root, transform, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,7 +828,6 @@ def get_parser(doc):
     a('--save-every', type=int, default=20, help='epochs between checkpoints (and at the end)')
     a('--peak-tflops', type=float, default=None, help='per-device peak for MFU (default: 989, H100 bf16 dense)')
     a('--synthetic-size', type=int, default=10000, help='images in --data synthetic (train; val gets a quarter)')
-    a('--strict-data', action='store_true', help='stop at the first unreadable or non-image file instead of skipping it')
     a('--skip-nonfinite', action='store_true',
       help='skip steps whose gradients are not finite instead of stopping (a host sync per step)')
     return p
@@ -1248,14 +1243,6 @@ def train(args, model, dataset, groups=None, evaluate=None):
             signal.signal(sig, handler)
     bar.close()
     stop_vote.close()
-    if world > 1:  # DDP must leave every rank with the same parameters: check it once, at the end
-        lo, hi = (torch.cat([p.detach().flatten() for p in model.parameters()]) for _ in range(2))
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError("parameters differ across ranks after training")
-        if rank == 0:
-            print(f"parameters identical on all {world} ranks")
     if rank == 0:
         print(f"done: {ckpt_path}")
     return model

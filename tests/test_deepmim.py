@@ -298,7 +298,6 @@ def test_cli_clip_target(tmp_path):
 def test_cli_ddp_two_processes(tmp_path):
     r = run('deepmim.py', *TINY, '--taps', '2,3', *SMALL, '--output-dir', tmp_path, nproc=2)
     assert r.returncode == 0, r.stderr
-    assert 'parameters identical on all 2 ranks' in r.stdout
 
 
 @pytest.mark.parametrize('flags, words', [

@@ -259,7 +259,6 @@ def test_cli_knowledge_distillation_case(tmp_path, clip_file):
 def test_cli_two_process_ddp(tmp_path, clip_file):
     r = run('maskdistill.py', *TINY, '--teacher', clip_file, '--output-dir', tmp_path, nproc=2)
     assert r.returncode == 0, r.stderr
-    assert 'parameters identical on all 2 ranks' in r.stdout
 
 
 @pytest.fixture(scope='module')

